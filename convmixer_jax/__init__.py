@@ -1,0 +1,5 @@
+"""ConvMixer in JAX/Flax: models, training, evaluation and pretrained weights."""
+
+from convmixer_jax.models import ConvMixer, count_params, create_model, list_models
+
+__all__ = ["ConvMixer", "count_params", "create_model", "list_models"]

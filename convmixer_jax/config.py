@@ -1,0 +1,130 @@
+"""The shared base config, and the checks that turn a bad config into a one-line error.
+
+Every file in configs/ starts from `base_config()` and overrides a few fields. Model fields left at
+0 / '' take the registered variant's value.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from convmixer_jax import models
+
+DATASETS = ("synthetic_shapes", "image_folder", "cifar10", "imagenet2012")
+SCHEDULES = ("onecycle", "cosine")
+DTYPES = ("float32", "bfloat16")
+
+
+class ConfigError(ValueError):
+    """A mistake in the config or the command line; its message names the field and the fix."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Defaults shared by every recipe: the paper's ImageNet optimizer settings."""
+    c = ml_collections.ConfigDict()
+
+    c.model = ml_collections.ConfigDict()
+    c.model.name = "convmixer_1536_20"
+    c.model.width = 0  # 0: the registered value (likewise depth, kernel_size, patch_size).
+    c.model.depth = 0
+    c.model.kernel_size = 0
+    c.model.patch_size = 0
+    c.model.activation = ""  # '': the registered value; else 'gelu' or 'relu'.
+    c.model.num_classes = 0  # 0: taken from the dataset.
+    c.model.depthwise_impl = "auto"
+
+    c.dataset = "imagenet2012"
+    c.data_dir = ""  # '': TFDS's default (~/tensorflow_datasets); the tree root for image_folder.
+    c.train_split = "train"
+    c.eval_split = ""  # '': 'validation' if the dataset has it, else 'test', else 'val'.
+    c.image_size = 224
+    c.crop_pct = 0.875  # eval: resize the shorter side to image_size / crop_pct, center crop.
+    c.eval_interpolation = "bicubic"
+    c.crop_area_min = 0.08  # train: random resized crop area range [crop_area_min, 1].
+    c.crop_aspect_min = 3 / 4
+    c.crop_aspect_max = 4 / 3
+    c.horizontal_flip = True
+    c.mean = models.IMAGENET_MEAN
+    c.std = models.IMAGENET_STD
+    c.shuffle_buffer = 16_384
+    c.cache_data = False  # keep the encoded dataset in host memory (small datasets only).
+
+    c.batch_size = 640  # global, over all devices and hosts.
+    c.eval_batch_size = 0  # 0: batch_size.
+    c.num_epochs = 150.0
+    c.num_train_steps = 0  # > 0 wins over num_epochs.
+
+    c.schedule = "onecycle"
+    c.learning_rate = 0.01
+    c.warmup_epochs = 0.0  # cosine schedule only.
+    c.weight_decay = 2e-5
+    c.weight_decay_all = False  # False: decay only >= 2-D params (not biases / BatchNorm).
+    c.adam_b1 = 0.9
+    c.adam_b2 = 0.999
+    c.adam_eps = 1e-3
+    c.grad_clip_norm = 1.0  # 0 disables clipping.
+    c.label_smoothing = 0.1
+
+    c.seed = 0
+    c.dtype = "bfloat16"
+    c.log_every_steps = 100
+    c.eval_every_steps = 0  # 0: evaluate only at the end.
+    c.checkpoint_every_steps = 1000
+    c.keep_checkpoints = 3
+    c.checkpoint = ""  # --mode eval: a checkpoint to evaluate instead of the workdir's newest.
+    return c
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(c: ml_collections.ConfigDict, device_count: int) -> None:
+    """Raises ConfigError naming the field and the fix; called before anything is compiled."""
+    try:
+        spec = models.get_spec(c.model.name)
+    except ValueError as e:
+        raise ConfigError(f"model.name: {e}") from None
+    _require(c.dataset in DATASETS, f"dataset: {c.dataset!r} is unknown; use one of {DATASETS}")
+    _require(
+        c.dataset != "image_folder" or bool(c.data_dir),
+        "data_dir: set it to the root of "
+        "the image folder tree (ROOT/<split>/<class>/<image>) for dataset='image_folder'",
+    )
+    for key in ("width", "depth", "kernel_size", "patch_size", "num_classes"):
+        _require(c.model[key] >= 0, f"model.{key}: must be >= 0 (0 uses the registered value)")
+    act = c.model.activation
+    _require(
+        act in ("", *models.ACTIVATIONS),
+        f"model.activation: {act!r} is unknown; use one of {list(models.ACTIVATIONS)}",
+    )
+    patch = c.model.patch_size or spec.patch_size
+    _require(
+        c.image_size > 0 and c.image_size % patch == 0,
+        f"image_size: {c.image_size} is not a multiple of the patch size {patch}; "
+        f"use e.g. {max(patch, c.image_size // patch * patch)}",
+    )
+    for key in ("batch_size", "eval_batch_size"):
+        size = c[key] or c.batch_size
+        _require(
+            size > 0 and size % device_count == 0,
+            f"{key}: {size} is not a positive multiple of the {device_count} devices; "
+            f"use e.g. {max(1, size // device_count) * device_count}",
+        )
+    _require(c.num_train_steps >= 0, "num_train_steps: must be >= 0 (0 uses num_epochs)")
+    _require(
+        c.num_train_steps > 0 or c.num_epochs > 0,
+        "num_epochs: must be > 0 when num_train_steps is 0",
+    )
+    _require(
+        c.schedule in SCHEDULES, f"schedule: {c.schedule!r} is unknown; use one of {SCHEDULES}"
+    )
+    _require(c.dtype in DTYPES, f"dtype: {c.dtype!r} is unknown; use one of {DTYPES}")
+    _require(0 < c.crop_pct <= 1, f"crop_pct: {c.crop_pct} must be in (0, 1]")
+    _require(0 < c.crop_area_min <= 1, f"crop_area_min: {c.crop_area_min} must be in (0, 1]")
+    _require(0 <= c.label_smoothing < 1, "label_smoothing: must be in [0, 1)")
+    for key in ("log_every_steps", "checkpoint_every_steps"):
+        _require(c[key] > 0, f"{key}: must be > 0")
+    _require(c.eval_every_steps >= 0, "eval_every_steps: must be >= 0 (0: only at the end)")
+    _require(c.keep_checkpoints > 0, "keep_checkpoints: must be > 0")

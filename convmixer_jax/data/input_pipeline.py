@@ -1,0 +1,177 @@
+"""tf.data input pipelines: each host reads its own share of a TFDS split and augments it.
+
+Train: an endless, deterministic stream. Every epoch is shuffled with a seed derived from
+(seed, epoch), and every example's augmentation draws from a stateless key derived from
+(seed, process, epoch, example index), so the stream is a pure function of the config; resuming at
+step s starts at exactly the example it would have reached.
+
+Eval: every example of the split exactly once over all hosts; each host pads its share to the same
+number of batches and marks padding with mask 0.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import NamedTuple
+
+import jax
+import ml_collections
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+AUTOTUNE = tf.data.AUTOTUNE
+
+
+class ProcessSplit(NamedTuple):
+    records: tf.data.Dataset  # (encoded image, label) pairs of this process's share
+    num_examples: int  # in this process's share
+    max_examples: int  # in the largest share of any process
+
+
+def _records(builder, split: str) -> tf.data.Dataset:
+    ds = builder.as_dataset(
+        split=split, shuffle_files=False, decoders={"image": tfds.decode.SkipDecoding()}
+    )
+    return ds.map(lambda ex: (ex["image"], tf.cast(ex["label"], tf.int32)))
+
+
+def process_split(builder, split: str, *, drop_remainder: bool) -> ProcessSplit:
+    """This process's share of `split`: equal shares for training, near-equal ones for eval."""
+    count, index = jax.process_count(), jax.process_index()
+    total = builder.info.splits[split].num_examples
+    if count == 1:
+        return ProcessSplit(_records(builder, split), total, total)
+    if isinstance(builder, tfds.folder_dataset.ImageFolder):  # no sub-split support there
+        records = _records(builder, split).shard(count, index)
+        mine = len(range(index, total, count))
+    else:
+        if drop_remainder:
+            sub = tfds.split_for_jax_process(split, drop_remainder=True)
+        else:
+            sub = tfds.even_splits(split, n=count, drop_remainder=False)[index]
+        records = _records(builder, sub)
+        mine = builder.info.splits[sub].num_examples
+    if drop_remainder:
+        return ProcessSplit(records.take(total // count), total // count, total // count)
+    return ProcessSplit(records, mine, math.ceil(total / count))
+
+
+def _normalize(image: tf.Tensor, config: ml_collections.ConfigDict) -> tf.Tensor:
+    mean = tf.constant(config.mean, tf.float32) * 255.0
+    std = tf.constant(config.std, tf.float32) * 255.0
+    return (tf.cast(image, tf.float32) - mean) / std
+
+
+def _decode(encoded: tf.Tensor) -> tf.Tensor:
+    return tf.io.decode_image(encoded, channels=3, expand_animations=False)
+
+
+def train_preprocess(
+    encoded: tf.Tensor, key: tf.Tensor, config: ml_collections.ConfigDict
+) -> tf.Tensor:
+    """Decode, random resized crop, horizontal flip, normalise; all randomness from `key`."""
+    crop_key, flip_key = tf.unstack(tf.random.experimental.stateless_split(key, 2))
+    image = _decode(encoded)
+    begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+        tf.shape(image),
+        bounding_boxes=tf.zeros([1, 0, 4]),
+        seed=crop_key,
+        min_object_covered=0.0,
+        aspect_ratio_range=(config.crop_aspect_min, config.crop_aspect_max),
+        area_range=(config.crop_area_min, 1.0),
+        max_attempts=10,
+        use_image_if_no_bounding_boxes=True,
+    )
+    image = tf.slice(image, begin, size)
+    image = tf.image.resize(image, [config.image_size] * 2, method="bilinear")
+    if config.horizontal_flip:
+        image = tf.image.stateless_random_flip_left_right(image, flip_key)
+    return _normalize(image, config)
+
+
+def eval_preprocess(encoded: tf.Tensor, config: ml_collections.ConfigDict) -> tf.Tensor:
+    """Decode, resize the shorter side to floor(size / crop_pct), center crop, normalise."""
+    image = _decode(encoded)
+    size = config.image_size
+    resize = math.floor(size / config.crop_pct)
+    shape = tf.cast(tf.shape(image)[:2], tf.float32)
+    scale = resize / tf.reduce_min(shape)
+    new_shape = tf.maximum(tf.cast(tf.floor(shape * scale), tf.int32), resize)
+    image = tf.image.resize(image, new_shape, method=config.eval_interpolation, antialias=True)
+    top = (new_shape[0] - size + 1) // 2
+    left = (new_shape[1] - size + 1) // 2
+    image = image[top : top + size, left : left + size]
+    return _normalize(tf.reshape(image, [size, size, 3]), config)
+
+
+def _options() -> tf.data.Options:
+    options = tf.data.Options()
+    options.deterministic = True
+    options.autotune.enabled = True
+    return options
+
+
+def train_dataset(
+    builder, config: ml_collections.ConfigDict, *, local_batch: int, start_step: int = 0
+) -> tf.data.Dataset:
+    """Endless batches of this process's share, starting where step `start_step` would be."""
+    split = process_split(builder, config.train_split, drop_remainder=True)
+    if split.num_examples < local_batch:
+        raise ValueError(
+            f"the {config.train_split!r} split has {split.num_examples} examples per process, "
+            f"fewer than one batch ({local_batch}); lower batch_size"
+        )
+    records = split.records.cache() if config.cache_data else split.records
+    records = records.enumerate()
+    first_epoch, offset = divmod(start_step * local_batch, split.num_examples)
+    base_key = tf.constant([config.seed, jax.process_index()], tf.int64)
+    buffer = min(config.shuffle_buffer, split.num_examples)
+
+    def epoch(e):
+        shuffled = records.shuffle(buffer, seed=config.seed * 1_000_003 + e)
+        return shuffled.map(lambda i, rec: (e * split.num_examples + i, rec))
+
+    def preprocess(position, rec):
+        key = tf.random.experimental.stateless_fold_in(base_key, position)
+        return {"image": train_preprocess(rec[0], key, config), "label": rec[1]}
+
+    ds = tf.data.Dataset.range(first_epoch, np.iinfo(np.int64).max).flat_map(epoch).skip(offset)
+    ds = ds.map(preprocess, num_parallel_calls=AUTOTUNE)
+    ds = ds.batch(local_batch, drop_remainder=True).prefetch(AUTOTUNE)
+    return ds.with_options(_options())
+
+
+def eval_dataset(
+    builder, config: ml_collections.ConfigDict, split: str, *, local_batch: int
+) -> tf.data.Dataset:
+    """Padded batches {'image','label','mask'} of this process's share.
+
+    Every process yields the same number of batches; padding examples have mask 0.
+    """
+    share = process_split(builder, split, drop_remainder=False)
+    num_batches = math.ceil(share.max_examples / local_batch)
+    size = config.image_size
+
+    def preprocess(encoded, label):
+        image = eval_preprocess(encoded, config)
+        return {"image": image, "label": label, "mask": tf.constant(1, tf.int32)}
+
+    padding = tf.data.Dataset.from_tensors(
+        {
+            "image": tf.zeros([size, size, 3], tf.float32),
+            "label": tf.constant(0, tf.int32),
+            "mask": tf.constant(0, tf.int32),
+        }
+    ).repeat()
+    ds = share.records.map(preprocess, num_parallel_calls=AUTOTUNE)
+    if config.cache_data:
+        ds = ds.cache()
+    ds = ds.concatenate(padding).take(num_batches * local_batch)
+    ds = ds.batch(local_batch).prefetch(AUTOTUNE)
+    return ds.with_options(_options())
+
+
+def as_numpy(ds: tf.data.Dataset) -> Iterator[dict[str, np.ndarray]]:
+    return iter(tfds.as_numpy(ds))

@@ -1,0 +1,51 @@
+"""Entry point: python -m convmixer_jax.main --config configs/X.py --workdir DIR [--mode eval]."""
+
+from __future__ import annotations
+
+import logging as pylogging
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Path to a config file in configs/.")
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and TensorBoard events.")
+flags.DEFINE_enum("mode", "train", ["train", "eval"], "Train (resuming if possible) or evaluate.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+class _OwnInfoOnly(pylogging.Filter):
+    """Keeps our INFO lines (progress, eval) and every library's warnings and errors."""
+
+    _package = os.path.dirname(os.path.abspath(__file__))
+
+    def filter(self, record: pylogging.LogRecord) -> bool:
+        return record.levelno >= pylogging.WARNING or record.pathname.startswith(self._package)
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    # Keep TensorFlow (used only for input pipelines) off the accelerators.
+    import tensorflow as tf
+
+    tf.config.set_visible_devices([], "GPU")
+
+    from convmixer_jax import checkpointing, train
+    from convmixer_jax import config as config_lib
+    from convmixer_jax.data import datasets
+
+    logging.set_verbosity(logging.INFO)
+    logging.get_absl_handler().addFilter(_OwnInfoOnly())
+    run = train.evaluate if FLAGS.mode == "eval" else train.train_and_evaluate
+    try:
+        run(FLAGS.config, FLAGS.workdir)
+    except (config_lib.ConfigError, datasets.DataError, checkpointing.CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    app.run(main)

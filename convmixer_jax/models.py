@@ -1,0 +1,240 @@
+"""ConvMixer ("Patches Are All You Need?") as Flax NNX modules, and the registry of variants.
+
+The architecture follows the authors' code and timm exactly: a strided patch-embedding conv, then
+`depth` blocks of [residual depthwise conv -> act -> BN] -> pointwise conv -> act -> BN, then global
+average pooling and a linear head. Order is conv -> act -> BN everywhere, GELU is the exact (erf)
+form, BatchNorm uses PyTorch's momentum 0.1 / eps 1e-5 and initialisation is PyTorch's default, so
+converted PyTorch weights give the same logits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from convmixer_jax.depthwise import depthwise_conv
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+    "relu": jax.nn.relu,
+}
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """A registered variant: architecture plus the preprocessing its released weights expect."""
+
+    width: int
+    depth: int
+    kernel_size: int
+    patch_size: int
+    activation: str = "gelu"
+    num_classes: int = 1000
+    image_size: int = 224
+    crop_pct: float = 0.96
+    interpolation: str = "bicubic"
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+
+MODELS: dict[str, ModelSpec] = {
+    "convmixer_1536_20": ModelSpec(1536, 20, 9, 7, "gelu"),
+    "convmixer_768_32": ModelSpec(768, 32, 7, 7, "relu"),
+    "convmixer_1024_20_ks9_p14": ModelSpec(1024, 20, 9, 14, "gelu"),
+    # The authors' CIFAR-10 model (ConvMixer-256/8, k5, p2).
+    "convmixer_256_8": ModelSpec(256, 8, 5, 2, "gelu", num_classes=10, image_size=32, crop_pct=1.0),
+    # A small model that trains in minutes on a laptop CPU (the quickstart).
+    "convmixer_tiny": ModelSpec(96, 4, 5, 2, "gelu", num_classes=10, image_size=32, crop_pct=1.0),
+}
+
+
+def list_models() -> list[str]:
+    """Names of the registered ConvMixer variants."""
+    return sorted(MODELS)
+
+
+def get_spec(name: str) -> ModelSpec:
+    """The registered spec of `name`, or a ValueError listing the valid names."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(list_models())}")
+    return MODELS[name]
+
+
+def _torch_uniform(fan_in: int) -> nnx.Initializer:
+    """PyTorch's default bias init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = 1.0 / math.sqrt(fan_in)
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+# PyTorch's default weight init (kaiming_uniform with a=sqrt(5)) is U(+-1/sqrt(fan_in)).
+_torch_kernel_init = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def _conv(cin: int, cout: int, k: int, stride: int, dtype, rngs: nnx.Rngs) -> nnx.Conv:
+    return nnx.Conv(
+        cin,
+        cout,
+        (k, k),
+        strides=stride,
+        padding="VALID",
+        dtype=dtype,
+        kernel_init=_torch_kernel_init,
+        bias_init=_torch_uniform(cin * k * k),
+        rngs=rngs,
+    )
+
+
+def _batch_norm(width: int, dtype, rngs: nnx.Rngs) -> nnx.BatchNorm:
+    # PyTorch momentum 0.1 is Flax momentum 0.9.
+    return nnx.BatchNorm(width, momentum=0.9, epsilon=1e-5, dtype=dtype, rngs=rngs)
+
+
+class DepthwiseConv(nnx.Module):
+    """k x k depthwise conv, 'SAME' padding, bias; kernel (k, k, 1, C) as in a grouped nnx.Conv."""
+
+    def __init__(self, width: int, kernel_size: int, *, dtype, impl: str, rngs: nnx.Rngs):
+        shape = (kernel_size, kernel_size, 1, width)
+        self.kernel = nnx.Param(_torch_kernel_init(rngs.params(), shape, jnp.float32))
+        self.bias = nnx.Param(_torch_uniform(kernel_size * kernel_size)(rngs.params(), (width,)))
+        self.dtype = dtype
+        self.impl = impl
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dtype = self.dtype or x.dtype
+        y = depthwise_conv(x.astype(dtype), self.kernel[...].astype(dtype), impl=self.impl)
+        return y + self.bias[...].astype(dtype)
+
+
+class MixerBlock(nnx.Module):
+    """Residual(depthwise conv -> act -> BN) -> pointwise conv -> act -> BN."""
+
+    def __init__(self, width, kernel_size, *, activation, dtype, depthwise_impl, rngs):
+        self.depthwise = DepthwiseConv(
+            width, kernel_size, dtype=dtype, impl=depthwise_impl, rngs=rngs
+        )
+        self.norm1 = _batch_norm(width, dtype, rngs)
+        self.pointwise = _conv(width, width, 1, 1, dtype, rngs)
+        self.norm2 = _batch_norm(width, dtype, rngs)
+        self.activation = activation
+
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        act = ACTIVATIONS[self.activation]
+        x = x + self.norm1(act(self.depthwise(x)), use_running_average=not train)
+        return self.norm2(act(self.pointwise(x)), use_running_average=not train)
+
+
+class ConvMixer(nnx.Module):
+    """ConvMixer-h/d: NHWC images whose size the patch size divides -> float32 logits."""
+
+    def __init__(
+        self,
+        *,
+        width: int,
+        depth: int,
+        kernel_size: int,
+        patch_size: int,
+        num_classes: int,
+        activation: str = "gelu",
+        in_channels: int = 3,
+        dtype=jnp.float32,
+        depthwise_impl: str = "auto",
+        rngs: nnx.Rngs,
+    ):
+        if activation not in ACTIVATIONS:
+            raise ValueError(
+                f"unknown activation {activation!r}; choose one of {list(ACTIVATIONS)}"
+            )
+        self.patch_size = patch_size
+        self.activation = activation
+        self.dtype = dtype
+        self.stem = _conv(in_channels, width, patch_size, patch_size, dtype, rngs)
+        self.stem_norm = _batch_norm(width, dtype, rngs)
+        self.blocks = nnx.List(
+            [
+                MixerBlock(
+                    width,
+                    kernel_size,
+                    activation=activation,
+                    dtype=dtype,
+                    depthwise_impl=depthwise_impl,
+                    rngs=rngs,
+                )
+                for _ in range(depth)
+            ]
+        )
+        self.head = nnx.Linear(
+            width,
+            num_classes,
+            kernel_init=_torch_kernel_init,
+            bias_init=_torch_uniform(width),
+            rngs=rngs,
+        )
+
+    def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
+        height, width = images.shape[-3:-1]
+        if height % self.patch_size or width % self.patch_size:
+            raise ValueError(
+                f"image size {height}x{width} is not divisible by patch size {self.patch_size}; "
+                "use an image_size that is a multiple of it"
+            )
+        x = ACTIVATIONS[self.activation](self.stem(images.astype(self.dtype)))
+        x = self.stem_norm(x, use_running_average=not train)
+        for block in self.blocks:
+            x = block(x, train)
+        pooled = jnp.mean(x.astype(jnp.float32), axis=(-3, -2))
+        return self.head(pooled)
+
+
+def count_params(model_or_state) -> int:
+    """Number of trainable parameters (BatchNorm running statistics excluded)."""
+    state = model_or_state
+    if isinstance(model_or_state, nnx.Module):
+        state = nnx.state(model_or_state, nnx.Param)
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(state))
+
+
+def create_model(
+    name: str,
+    *,
+    num_classes: int | None = None,
+    rngs: nnx.Rngs | None = None,
+    dtype=jnp.float32,
+    depthwise_impl: str = "auto",
+    **overrides,
+) -> ConvMixer:
+    """Builds the registered variant `name`; `overrides` replace width/depth/kernel_size/...
+
+    Example: `create_model('convmixer_768_32', num_classes=10, depth=8)`.
+    """
+    spec = get_spec(name)
+    fields = {
+        "width": spec.width,
+        "depth": spec.depth,
+        "kernel_size": spec.kernel_size,
+        "patch_size": spec.patch_size,
+        "activation": spec.activation,
+    }
+    unknown = set(overrides) - set(fields)
+    if unknown:
+        raise ValueError(f"unknown model fields {sorted(unknown)}; valid: {sorted(fields)}")
+    fields.update({k: v for k, v in overrides.items() if v})
+    return ConvMixer(
+        **fields,
+        num_classes=num_classes or spec.num_classes,
+        dtype=dtype,
+        depthwise_impl=depthwise_impl,
+        rngs=rngs if rngs is not None else nnx.Rngs(0),
+    )

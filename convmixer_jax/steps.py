@@ -1,0 +1,85 @@
+"""Pure, jit-able train and eval steps.
+
+The training state is a plain dict pytree {'step', 'params', 'batch_stats', 'opt_state'}; the
+model's structure (an NNX GraphDef) and the optimizer are static arguments. BatchNorm statistics
+are computed over the whole batch the step sees, which under jit over a batch-sharded global array
+is the global batch on every device.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+TrainState = dict[str, Any]
+
+
+def soft_targets(labels: jax.Array, num_classes: int, smoothing: float) -> jax.Array:
+    """One-hot targets with label smoothing folded in (off value smoothing / num_classes)."""
+    return optax.smooth_labels(jax.nn.one_hot(labels, num_classes), smoothing)
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Per-example soft-target cross-entropy, computed in float32."""
+    return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+
+
+def _topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
+    topk = jax.lax.top_k(logits, k)[1]
+    return jnp.any(topk == labels[:, None], axis=-1).astype(jnp.float32)
+
+
+def train_step(
+    state: TrainState,
+    batch: dict[str, jax.Array],
+    *,
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    label_smoothing: float,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer step on `batch` ({'image': NHWC float, 'label': int}); returns new state."""
+
+    def loss_fn(params, batch_stats):
+        model = nnx.merge(graphdef, params, batch_stats, copy=True)
+        logits = model(batch["image"], train=True)
+        targets = soft_targets(batch["label"], logits.shape[-1], label_smoothing)
+        loss = jnp.mean(cross_entropy(logits, targets))
+        return loss, (logits, nnx.state(model, nnx.BatchStat))
+
+    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state["params"], state["batch_stats"]
+    )
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    new_state = {
+        "step": state["step"] + 1,
+        "params": optax.apply_updates(state["params"], updates),
+        "batch_stats": batch_stats,
+        "opt_state": opt_state,
+    }
+    metrics = {
+        "loss": loss,
+        "top1": jnp.mean(_topk_correct(logits, batch["label"], 1)),
+        "grad_norm": optax.tree.norm(grads),
+    }
+    return new_state, metrics
+
+
+def eval_step(
+    params, batch_stats, batch: dict[str, jax.Array], *, graphdef: nnx.GraphDef
+) -> dict[str, jax.Array]:
+    """Sums over the real (mask == 1) examples of a padded batch: top-1, top-5, loss and count."""
+    model = nnx.merge(graphdef, params, batch_stats)
+    logits = model(batch["image"], train=False)
+    num_classes = logits.shape[-1]
+    mask = batch["mask"].astype(jnp.float32)
+    loss = cross_entropy(logits, jax.nn.one_hot(batch["label"], num_classes))
+    return {
+        "top1": jnp.sum(_topk_correct(logits, batch["label"], 1) * mask),
+        "top5": jnp.sum(_topk_correct(logits, batch["label"], min(5, num_classes)) * mask),
+        "loss": jnp.sum(loss * mask),
+        "count": jnp.sum(mask),
+    }
