@@ -1,7 +1,9 @@
-"""Orbax checkpoints of the training state under DIR/checkpoints/<step>/.
+"""Orbax checkpoints of the training state under DIR/checkpoints/<step>/{model,train}.
 
-Orbax writes each checkpoint into a temporary directory and renames it when complete, so the
-newest *complete* step is what `latest_step` reports and what a restarted run resumes from.
+Two items per step: `model` ({'params', 'batch_stats'}: all that evaluation, fine-tuning and
+converted pretrained weights need) and `train` ({'step', 'opt_state'}). Orbax writes each
+checkpoint into a temporary directory and renames it when complete, so the newest *complete* step
+is what `latest_step` reports and what a restarted run resumes from.
 """
 
 from __future__ import annotations
@@ -21,16 +23,36 @@ def create_manager(directory: str, keep: int = 3) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(os.path.abspath(directory), options=options)
 
 
+MODEL_KEYS = ("params", "batch_stats")
+TRAIN_KEYS = ("step", "opt_state")
+
+
+def _split(state) -> tuple[dict, dict]:
+    return {k: state[k] for k in MODEL_KEYS}, {k: state[k] for k in TRAIN_KEYS}
+
+
 def save(manager: ocp.CheckpointManager, step: int, state) -> None:
     """Starts an (asynchronous) save of `state` at `step`, unless that step is already saved."""
     if manager.latest_step() != step:
-        manager.save(step, args=ocp.args.StandardSave(state), force=True)
+        model, train = _split(state)
+        args = ocp.args.Composite(
+            model=ocp.args.StandardSave(model), train=ocp.args.StandardSave(train)
+        )
+        manager.save(step, args=args, force=True)
 
 
-def restore(manager: ocp.CheckpointManager, step: int, abstract_state):
-    """Restores `step` with the shapes, dtypes and shardings of `abstract_state`."""
+def restore(manager: ocp.CheckpointManager, step: int, abstract_state, model_only: bool = False):
+    """Restores `step` with the shapes, dtypes and shardings of `abstract_state`.
+
+    With `model_only`, only params and batch_stats are read (and returned).
+    """
+    model, train = _split(abstract_state)
+    items = {"model": ocp.args.StandardRestore(model)}
+    if not model_only:
+        items["train"] = ocp.args.StandardRestore(train)
     try:
-        return manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+        restored = manager.restore(step, args=ocp.args.Composite(**items))
+        return {**restored["model"], **(restored["train"] if not model_only else {})}
     except Exception as e:  # Orbax raises many types for missing, truncated or mismatched files.
         raise CheckpointError(
             f"cannot restore step {step} from {manager.directory}: {type(e).__name__}: "

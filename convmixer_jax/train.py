@@ -245,7 +245,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float
             f"no checkpoint in {directory!r}; train first or pass --config.checkpoint=PATH"
         )
     target = checkpointing.abstract_with_sharding(exp.abstract_state, exp.state_sharding)
-    state = checkpointing.restore(manager, step, target)
+    state = checkpointing.restore(manager, step, target, model_only=True)
     manager.close()
     _, eval_fn = compile_steps(exp)
     eval_ds = _eval_data(exp)

@@ -35,7 +35,7 @@ def _quickstart(data_dir, **overrides):
 
 
 def _restore_params(workdir, step):
-    path = os.path.join(workdir, "checkpoints", str(step), "default")
+    path = os.path.join(workdir, "checkpoints", str(step), "model")
     return ocp.StandardCheckpointer().restore(path)["params"]
 
 
