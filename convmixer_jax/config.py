@@ -13,6 +13,8 @@ from convmixer_jax import models
 DATASETS = ("synthetic_shapes", "image_folder", "cifar10", "imagenet2012")
 SCHEDULES = ("onecycle", "cosine")
 DTYPES = ("float32", "bfloat16")
+NONFINITE = ("skip", "stop")
+BAD_IMAGES = ("skip", "error")
 
 
 class ConfigError(ValueError):
@@ -72,6 +74,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint_every_steps = 1000
     c.keep_checkpoints = 3
     c.checkpoint = ""  # --mode eval: a checkpoint to evaluate instead of the workdir's newest.
+    c.nonfinite = "skip"  # non-finite loss/gradients: 'skip' the update (counted) or 'stop'.
+    c.bad_images = "skip"  # undecodable images: 'skip' them (counted) or stop with an 'error'.
     return c
 
 
@@ -128,3 +132,7 @@ def validate(c: ml_collections.ConfigDict, device_count: int) -> None:
         _require(c[key] > 0, f"{key}: must be > 0")
     _require(c.eval_every_steps >= 0, "eval_every_steps: must be >= 0 (0: only at the end)")
     _require(c.keep_checkpoints > 0, "keep_checkpoints: must be > 0")
+    _require(c.nonfinite in NONFINITE, f"nonfinite: {c.nonfinite!r} is unknown; use {NONFINITE}")
+    _require(
+        c.bad_images in BAD_IMAGES, f"bad_images: {c.bad_images!r} is unknown; use {BAD_IMAGES}"
+    )

@@ -33,7 +33,7 @@ def main(argv: list[str]) -> None:
 
     tf.config.set_visible_devices([], "GPU")
 
-    from convmixer_jax import checkpointing, train
+    from convmixer_jax import checkpointing, preemption, train
     from convmixer_jax import config as config_lib
     from convmixer_jax.data import datasets
 
@@ -45,6 +45,12 @@ def main(argv: list[str]) -> None:
     except (config_lib.ConfigError, datasets.DataError, checkpointing.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except train.NonFiniteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except preemption.Preempted as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        sys.exit(preemption.EXIT_PREEMPTED)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,14 @@
 """Pure, jit-able train and eval steps.
 
-The training state is a plain dict pytree {'step', 'params', 'batch_stats', 'opt_state'}; the
-model's structure (an NNX GraphDef) and the optimizer are static arguments. BatchNorm statistics
-are computed over the whole batch the step sees, which under jit over a batch-sharded global array
-is the global batch on every device.
+The training state is a plain dict pytree {'step', 'params', 'batch_stats', 'opt_state',
+'skipped_steps'}; the model's structure (an NNX GraphDef) and the optimizer are static arguments.
+BatchNorm statistics are computed over the whole batch the step sees, which under jit over a
+batch-sharded global array is the global batch on every device.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -16,6 +17,18 @@ import optax
 from flax import nnx
 
 TrainState = dict[str, Any]
+
+
+def init_train_state(params, batch_stats, tx: optax.GradientTransformation) -> TrainState:
+    """The state at step 0 for the given model variables."""
+    zero = jnp.zeros((), jnp.int32)
+    return {
+        "step": zero,
+        "params": params,
+        "batch_stats": batch_stats,
+        "opt_state": tx.init(params),
+        "skipped_steps": zero,
+    }
 
 
 def soft_targets(labels: jax.Array, num_classes: int, smoothing: float) -> jax.Array:
@@ -54,16 +67,22 @@ def train_step(
         state["params"], state["batch_stats"]
     )
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    grad_norm = optax.tree.norm(grads)
+    # A non-finite loss, gradient or update leaves the state as it was (the step still counts).
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(updates))
+    keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
     new_state = {
         "step": state["step"] + 1,
-        "params": optax.apply_updates(state["params"], updates),
-        "batch_stats": batch_stats,
-        "opt_state": opt_state,
+        "params": keep(optax.apply_updates(state["params"], updates), state["params"]),
+        "batch_stats": keep(batch_stats, state["batch_stats"]),
+        "opt_state": keep(opt_state, state["opt_state"]),
+        "skipped_steps": state["skipped_steps"] + (~finite).astype(jnp.int32),
     }
     metrics = {
         "loss": loss,
         "top1": jnp.mean(_topk_correct(logits, batch["label"], 1)),
-        "grad_norm": optax.tree.norm(grads),
+        "grad_norm": grad_norm,
+        "nonfinite": (~finite).astype(jnp.float32),
     }
     return new_state, metrics
 

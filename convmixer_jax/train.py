@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import os
 import time
 from typing import Any
 
@@ -15,9 +14,10 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
+from etils import epath
 from flax import nnx
 
-from convmixer_jax import checkpointing, models, optim, sharding, steps
+from convmixer_jax import checkpointing, models, optim, preemption, sharding, steps
 from convmixer_jax import config as config_lib
 from convmixer_jax.data import datasets, input_pipeline
 from convmixer_jax.metrics import create_writer
@@ -93,12 +93,7 @@ def setup(config: ml_collections.ConfigDict) -> Experiment:
 def _init_state(config, tx, num_classes: int, seed: int) -> steps.TrainState:
     model = build_model(config, num_classes, seed)
     _, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-    return {
-        "step": jnp.zeros((), jnp.int32),
-        "params": params,
-        "batch_stats": batch_stats,
-        "opt_state": tx.init(params),
-    }
+    return steps.init_train_state(params, batch_stats, tx)
 
 
 def initial_state(exp: Experiment) -> steps.TrainState:
@@ -134,8 +129,13 @@ def compile_steps(exp: Experiment):
     return train, evaluate
 
 
-def run_eval(exp: Experiment, eval_fn, state, eval_ds) -> dict[str, float]:
-    """Exact top-1/top-5/loss over the whole eval split (padding masked out)."""
+def run_eval(exp: Experiment, eval_fn, state, eval_data) -> dict[str, float]:
+    """Exact top-1/top-5/loss over the whole eval split (padding masked out).
+
+    `eval_data` is (dataset, number of examples in the split); examples whose image could not
+    be decoded are reported as eval/skipped_images.
+    """
+    eval_ds, expected = eval_data
     totals: dict[str, float] = {}
     for local in input_pipeline.as_numpy(eval_ds):
         sums = eval_fn(
@@ -146,13 +146,19 @@ def run_eval(exp: Experiment, eval_fn, state, eval_ds) -> dict[str, float]:
     count = totals.get("count", 0.0)
     if count <= 0:
         raise datasets.DataError("the eval split is empty; set eval_split to a split with data")
-    return {f"eval/{k}": totals[k] / count for k in ("top1", "top5", "loss")}
+    metrics = {f"eval/{k}": totals[k] / count for k in ("top1", "top5", "loss")}
+    if count < expected:
+        logging.warning("Eval skipped %d undecodable images.", expected - count)
+        metrics["eval/skipped_images"] = expected - count
+    return metrics
 
 
-def _eval_data(exp: Experiment):
+def _eval_data(exp: Experiment) -> tuple[Any, int]:
+    """The eval dataset of this process and the number of examples in the whole split."""
     split = datasets.eval_split(exp.builder, exp.config)
     local_batch = (exp.config.eval_batch_size or exp.config.batch_size) // jax.process_count()
-    return input_pipeline.eval_dataset(exp.builder, exp.config, split, local_batch=local_batch)
+    ds = input_pipeline.eval_dataset(exp.builder, exp.config, split, local_batch=local_batch)
+    return ds, exp.builder.info.splits[split].num_examples
 
 
 def _format_seconds(seconds: float) -> str:
@@ -160,23 +166,55 @@ def _format_seconds(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s"
 
 
+class NonFiniteError(RuntimeError):
+    """A non-finite loss or gradient with nonfinite='stop'; the bad update was not applied."""
+
+
+def _prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Creates the workdir and writes config.json (process 0), or says why it cannot."""
+    try:
+        path = epath.Path(workdir)
+        path.mkdir(parents=True, exist_ok=True)
+        if jax.process_index() == 0:
+            (path / "config.json").write_text(config.to_json_best_effort(indent=2))
+    except OSError as e:
+        raise config_lib.ConfigError(
+            f"workdir: cannot write to {workdir!r} ({e.strerror or e}); pass a writable --workdir"
+        ) from None
+
+
+def _restore_or_init(exp: Experiment, manager) -> steps.TrainState:
+    target = checkpointing.abstract_with_sharding(exp.abstract_state, exp.state_sharding)
+    state, step = checkpointing.restore_newest(manager, target, move_aside=True)
+    if state is None:
+        return initial_state(exp)
+    logging.info("Resumed from %s at step %d.", manager.directory, step)
+    return state
+
+
+def _check_finite(config: ml_collections.ConfigDict, rows: list[dict], first_step: int) -> None:
+    if config.nonfinite != "stop":
+        return
+    for i, row in enumerate(rows):
+        if row["nonfinite"]:
+            raise NonFiniteError(
+                f"non-finite loss or gradients at step {first_step + i}; the update was not "
+                "applied and no checkpoint was written after it. Lower learning_rate or check "
+                "the data, or set nonfinite='skip' to skip such steps"
+            )
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-    """Trains (resuming from DIR/checkpoints if present), evaluates, returns final eval metrics."""
+    """Trains (resuming from DIR/checkpoints if present), evaluates, returns final eval metrics.
+
+    Raises preemption.Preempted after saving a checkpoint when the run is preempted.
+    """
     exp = setup(config)
-    os.makedirs(workdir, exist_ok=True)
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
+    _prepare_workdir(config, workdir)
     manager = checkpointing.create_manager(
-        os.path.join(workdir, "checkpoints"), config.keep_checkpoints
+        epath.Path(workdir) / "checkpoints", config.keep_checkpoints
     )
-    latest = manager.latest_step()
-    if latest is None:
-        state = initial_state(exp)
-    else:
-        target = checkpointing.abstract_with_sharding(exp.abstract_state, exp.state_sharding)
-        state = checkpointing.restore(manager, latest, target)
-        logging.info("Resumed from %s at step %d.", manager.directory, latest)
+    state = _restore_or_init(exp, manager)
     step = int(state["step"])
     if step >= exp.total_steps:
         logging.info("Run already finished: step %d of %d. Nothing to do.", step, exp.total_steps)
@@ -186,71 +224,102 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     train_fn, eval_fn = compile_steps(exp)
     writer = create_writer(workdir)
     local_batch = config.batch_size // jax.process_count()
+    skipped_images = input_pipeline.counter()
     train_iter = input_pipeline.as_numpy(
-        input_pipeline.train_dataset(exp.builder, config, local_batch=local_batch, start_step=step)
+        input_pipeline.train_dataset(
+            exp.builder, config, local_batch=local_batch, start_step=step, skipped=skipped_images
+        )
     )
     eval_ds = _eval_data(exp)
 
-    pending: list[dict[str, jax.Array]] = []
+    pending: list[dict[str, jax.Array]] = []  # metrics not yet fetched from the devices
+    interval: list[dict[str, np.ndarray]] = []  # fetched metrics since the last log line
     timer_start, timer_step = None, step
     eval_metrics: dict[str, float] = {}
-    while step < exp.total_steps:
-        batch = sharding.global_batch(exp.mesh, next(train_iter))
-        state, metrics = train_fn(state, batch)
-        step += 1
-        pending.append(metrics)
-        if timer_start is None:  # exclude compilation from the throughput
-            jax.block_until_ready(metrics)
-            timer_start, timer_step = time.perf_counter(), step
-        last = step == exp.total_steps
-        if step % config.log_every_steps == 0 or last:
-            rows = jax.device_get(pending)
-            pending = []
-            elapsed = time.perf_counter() - timer_start
-            rate = (step - timer_step) / elapsed if step > timer_step else float("nan")
-            scalars = {f"train/{k}": float(np.mean([r[k] for r in rows])) for k in rows[0]}
-            scalars["train/lr"] = float(exp.schedule(step - 1))
-            scalars["train/images_per_sec"] = rate * config.batch_size
-            writer.write_scalars(step, scalars)
-            eta = (exp.total_steps - step) / rate if rate == rate and rate > 0 else 0.0
-            logging.info(
-                "step %d/%d  loss %.4f  lr %.3g  %.1f img/s  ETA %s",
-                step,
-                exp.total_steps,
-                scalars["train/loss"],
-                scalars["train/lr"],
-                scalars["train/images_per_sec"],
-                _format_seconds(eta),
-            )
-        if last or (config.eval_every_steps and step % config.eval_every_steps == 0):
-            eval_metrics = run_eval(exp, eval_fn, state, eval_ds)
-            writer.write_scalars(step, eval_metrics)
-            logging.info("eval at step %d: %s", step, _fmt(eval_metrics))
-        if last or step % config.checkpoint_every_steps == 0:
-            checkpointing.save(manager, step, state)
+    with preemption.Guard() as guard:
+        while step < exp.total_steps:
+            batch = sharding.global_batch(exp.mesh, next(train_iter))
+            state, metrics = train_fn(state, batch)
+            step += 1
+            pending.append(metrics)
+            if timer_start is None:  # exclude compilation from the throughput
+                jax.block_until_ready(metrics)
+                timer_start, timer_step = time.perf_counter(), step
+            last = step == exp.total_steps
+            log_now = last or step % config.log_every_steps == 0
+            eval_now = last or (config.eval_every_steps and step % config.eval_every_steps == 0)
+            preempted = guard.reached(manager, step)
+            save_now = last or preempted or step % config.checkpoint_every_steps == 0
+            if log_now or eval_now or save_now:
+                rows = jax.device_get(pending)
+                _check_finite(config, rows, step - len(rows) + 1)
+                interval += rows
+                pending = []
+            if log_now:
+                rate = (step - timer_step) / (time.perf_counter() - timer_start)
+                skipped = {
+                    "train/skipped_steps": int(state["skipped_steps"]),
+                    "train/skipped_images": int(skipped_images.numpy()),
+                }
+                _log_train(writer, exp, step, interval, rate, skipped)
+                interval = []
+            if eval_now:
+                eval_metrics = run_eval(exp, eval_fn, state, eval_ds)
+                writer.write_scalars(step, eval_metrics)
+                logging.info("eval at step %d: %s", step, _fmt(eval_metrics))
+            if save_now:
+                checkpointing.save(manager, step, state)
+            if preempted:
+                manager.wait_until_finished()
+                writer.flush()
+                raise preemption.Preempted(step)
     manager.wait_until_finished()
     manager.close()
     writer.flush()
     return eval_metrics
 
 
+def _log_train(writer, exp: Experiment, step: int, rows, steps_per_sec: float, skipped: dict):
+    scalars = {
+        f"train/{k}": float(np.mean([r[k] for r in rows])) for k in rows[0] if k != "nonfinite"
+    }
+    scalars["train/lr"] = float(exp.schedule(step - 1))
+    scalars["train/images_per_sec"] = steps_per_sec * exp.config.batch_size
+    scalars.update(skipped)
+    writer.write_scalars(step, scalars)
+    eta = (exp.total_steps - step) / steps_per_sec if steps_per_sec > 0 else 0.0
+    logging.info(
+        "step %d/%d  loss %.4f  lr %.3g  %.1f img/s  ETA %s%s",
+        step,
+        exp.total_steps,
+        scalars["train/loss"],
+        scalars["train/lr"],
+        scalars["train/images_per_sec"],
+        _format_seconds(eta),
+        "".join(f"  {k.split('/')[1].replace('_', ' ')} {v}" for k, v in skipped.items() if v),
+    )
+
+
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Restores the newest checkpoint of `workdir` (or config.checkpoint) and evaluates it."""
     exp = setup(config)
     directory, step = checkpointing.resolve(config.checkpoint or workdir)
-    manager = checkpointing.create_manager(directory)
-    step = manager.latest_step() if step is None else step
-    if step is None:
-        raise checkpointing.CheckpointError(
-            f"no checkpoint in {directory!r}; train first or pass --config.checkpoint=PATH"
-        )
+    manager = checkpointing.create_manager(directory, read_only=True)
     target = checkpointing.abstract_with_sharding(exp.abstract_state, exp.state_sharding)
-    state = checkpointing.restore(manager, step, target, model_only=True)
+    if step is None:
+        state, step = checkpointing.restore_newest(
+            manager, target, model_only=True, move_aside=False
+        )
+    else:
+        state = checkpointing.restore_step(manager, step, target, model_only=True)
     manager.close()
+    if state is None:
+        raise checkpointing.CheckpointError(
+            f"no checkpoint in {str(directory)!r}; train first or pass --config.checkpoint=PATH"
+        )
+    _prepare_workdir(config, workdir)
     _, eval_fn = compile_steps(exp)
-    eval_ds = _eval_data(exp)
-    metrics = run_eval(exp, eval_fn, state, eval_ds)
-    os.makedirs(workdir, exist_ok=True)
+    metrics = run_eval(exp, eval_fn, state, _eval_data(exp))
     writer = create_writer(workdir)
     writer.write_scalars(step, metrics)
     writer.flush()

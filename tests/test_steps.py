@@ -22,12 +22,7 @@ def _setup():
     graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
     c = config_lib.base_config()
     tx = optim.create_optimizer(c, optim.onecycle_schedule(0.01, 10))
-    state = {
-        "step": jnp.zeros((), jnp.int32),
-        "params": params,
-        "batch_stats": batch_stats,
-        "opt_state": tx.init(params),
-    }
+    state = steps.init_train_state(params, batch_stats, tx)
     rng = np.random.default_rng(0)
     batch = {
         "image": jnp.asarray(rng.normal(size=(16, 8, 8, 3)), jnp.float32),

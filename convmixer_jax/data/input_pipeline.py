@@ -12,6 +12,8 @@ number of batches and marks padding with mask 0.
 from __future__ import annotations
 
 import math
+import re
+import sys
 from collections.abc import Iterator
 from typing import NamedTuple
 
@@ -20,6 +22,8 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
+
+from convmixer_jax.data.datasets import DataError
 
 AUTOTUNE = tf.data.AUTOTUNE
 
@@ -30,11 +34,81 @@ class ProcessSplit(NamedTuple):
     max_examples: int  # in the largest share of any process
 
 
+# Features that name an example's source file (ImageFolder, imagenet2012).
+_NAME_FEATURES = ("image/filename", "file_name")
+_BAD_IMAGE = "undecodable image"
+
+
 def _records(builder, split: str) -> tf.data.Dataset:
+    """(encoded image, label, file name or '') triples, in the split's stored order."""
     ds = builder.as_dataset(
         split=split, shuffle_files=False, decoders={"image": tfds.decode.SkipDecoding()}
     )
-    return ds.map(lambda ex: (ex["image"], tf.cast(ex["label"], tf.int32)))
+    names = [f for f in _NAME_FEATURES if f in builder.info.features.keys()]
+
+    def record(ex):
+        name = ex[names[0]] if names else tf.constant("")
+        return ex["image"], tf.cast(ex["label"], tf.int32), name
+
+    return ds.map(record)
+
+
+def looks_like_image(encoded: tf.Tensor) -> tf.Tensor:
+    """Cheap structural check: a JPEG/PNG/GIF/BMP signature, and an intact JPEG/PNG end marker.
+
+    Catches empty, garbage and truncated files before decoding, where TensorFlow's own error
+    would neither name the file nor let the pipeline go on.
+    """
+    size = tf.strings.length(encoded)
+    head = tf.strings.substr(encoded, 0, 8)
+    tail = tf.io.decode_raw(tf.strings.substr(encoded, tf.maximum(size - 64, 0), 64), tf.uint8)
+    jpeg_end = tf.reduce_any((tail[:-1] == 0xFF) & (tail[1:] == 0xD9))
+    png_end = tf.strings.substr(encoded, tf.maximum(size - 8, 0), 8) == b"IEND\xaeB`\x82"
+    jpeg = (tf.strings.substr(head, 0, 3) == b"\xff\xd8\xff") & jpeg_end
+    png = (head == b"\x89PNG\r\n\x1a\n") & png_end
+    other = (tf.strings.substr(head, 0, 4) == b"GIF8") | (tf.strings.substr(head, 0, 2) == b"BM")
+    return jpeg | png | other
+
+
+def _guard_images(ds: tf.data.Dataset, config, skipped: tf.Variable | None, record_of):
+    """Drops (and counts in `skipped`, and prints) bad images, or fails naming the file.
+
+    `record_of(element)` returns the element's (encoded, label, name) record.
+    """
+    if config.bad_images == "error":
+
+        def check(*element):
+            encoded, _, name = record_of(*element)
+            ok = looks_like_image(encoded)
+            with tf.control_dependencies([tf.debugging.Assert(ok, [_BAD_IMAGE, name])]):
+                return tf.nest.map_structure(tf.identity, element)
+
+        return ds.map(check)
+
+    def keep(*element):
+        encoded, _, name = record_of(*element)
+
+        def drop():
+            ops = [tf.print("WARNING: skipping", _BAD_IMAGE, name, output_stream=sys.stderr)]
+            if skipped is not None:
+                ops.append(skipped.assign_add(1))
+            with tf.control_dependencies(ops):
+                return tf.constant(False)
+
+        return tf.cond(looks_like_image(encoded), lambda: tf.constant(True), drop)
+
+    return ds.filter(keep)
+
+
+def counter() -> tf.Variable:
+    """A host-side count (e.g. of skipped images) that pipelines update as they run."""
+    return tf.Variable(0, dtype=tf.int64, trainable=False)
+
+
+def _finish_decoding(ds: tf.data.Dataset, config) -> tf.data.Dataset:
+    # A file that passes the structural check but still fails to decode is skipped too (TF logs
+    # it); with bad_images='error' its error propagates and as_numpy reports it.
+    return ds.ignore_errors(log_warning=True) if config.bad_images == "skip" else ds
 
 
 def process_split(builder, split: str, *, drop_remainder: bool) -> ProcessSplit:
@@ -114,9 +188,17 @@ def _options() -> tf.data.Options:
 
 
 def train_dataset(
-    builder, config: ml_collections.ConfigDict, *, local_batch: int, start_step: int = 0
+    builder,
+    config: ml_collections.ConfigDict,
+    *,
+    local_batch: int,
+    start_step: int = 0,
+    skipped: tf.Variable | None = None,
 ) -> tf.data.Dataset:
-    """Endless batches of this process's share, starting where step `start_step` would be."""
+    """Endless batches of this process's share, starting where step `start_step` would be.
+
+    Bad images are skipped and counted in `skipped` (or stop the run; see config.bad_images).
+    """
     split = process_split(builder, config.train_split, drop_remainder=True)
     if split.num_examples < local_batch:
         raise ValueError(
@@ -138,7 +220,8 @@ def train_dataset(
         return {"image": train_preprocess(rec[0], key, config), "label": rec[1]}
 
     ds = tf.data.Dataset.range(first_epoch, np.iinfo(np.int64).max).flat_map(epoch).skip(offset)
-    ds = ds.map(preprocess, num_parallel_calls=AUTOTUNE)
+    ds = _guard_images(ds, config, skipped, lambda position, rec: rec)
+    ds = _finish_decoding(ds.map(preprocess, num_parallel_calls=AUTOTUNE), config)
     ds = ds.batch(local_batch, drop_remainder=True).prefetch(AUTOTUNE)
     return ds.with_options(_options())
 
@@ -154,7 +237,7 @@ def eval_dataset(
     num_batches = math.ceil(share.max_examples / local_batch)
     size = config.image_size
 
-    def preprocess(encoded, label):
+    def preprocess(encoded, label, name):
         image = eval_preprocess(encoded, config)
         return {"image": image, "label": label, "mask": tf.constant(1, tf.int32)}
 
@@ -165,7 +248,8 @@ def eval_dataset(
             "mask": tf.constant(0, tf.int32),
         }
     ).repeat()
-    ds = share.records.map(preprocess, num_parallel_calls=AUTOTUNE)
+    records = _guard_images(share.records, config, None, lambda *rec: rec)
+    ds = _finish_decoding(records.map(preprocess, num_parallel_calls=AUTOTUNE), config)
     if config.cache_data:
         ds = ds.cache()
     ds = ds.concatenate(padding).take(num_batches * local_batch)
@@ -174,4 +258,15 @@ def eval_dataset(
 
 
 def as_numpy(ds: tf.data.Dataset) -> Iterator[dict[str, np.ndarray]]:
-    return iter(tfds.as_numpy(ds))
+    """NumPy batches; a bad image (with bad_images='error') becomes a DataError naming it."""
+    batches = iter(tfds.as_numpy(ds))
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except tf.errors.InvalidArgumentError as e:
+            found = re.search(rf"\[{_BAD_IMAGE}\] \[(.*?)\]", e.message)
+            what = f"{_BAD_IMAGE} {found.group(1)}" if found else e.message.splitlines()[0]
+            raise DataError(f"{what}; remove or replace it, or set bad_images='skip'") from None
+        yield batch
