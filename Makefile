@@ -18,6 +18,7 @@ quickstart: $(VENV)/.installed
 	$(PY) -m convmixer_jax.main --config configs/quickstart.py --workdir $(WORKDIR)
 
 test: $(VENV)/.installed
+	command -v shellcheck > /dev/null || (apt-get update -qq && apt-get install -y -qq shellcheck)
 	$(PY) -m ruff check convmixer_jax configs tests
 	$(PY) -m pytest -q tests
 

@@ -14,6 +14,7 @@ DATASETS = ("synthetic_shapes", "image_folder", "cifar10", "imagenet2012")
 SCHEDULES = ("onecycle", "cosine")
 DTYPES = ("float32", "bfloat16")
 NONFINITE = ("skip", "stop")
+SHARDINGS = ("replicated", "fsdp")
 BAD_IMAGES = ("skip", "error")
 
 
@@ -67,6 +68,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.grad_clip_norm = 1.0  # 0 disables clipping.
     c.label_smoothing = 0.1
 
+    c.sharding = "replicated"  # training state: 'replicated' or 'fsdp' (sharded along 'data').
     c.seed = 0
     c.dtype = "bfloat16"
     c.log_every_steps = 100
@@ -74,6 +76,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint_every_steps = 1000
     c.keep_checkpoints = 3
     c.checkpoint = ""  # --mode eval: a checkpoint to evaluate instead of the workdir's newest.
+    # Fine-tuning: start a new run from this checkpoint's weights (a converted one too), with a
+    # fresh optimizer at step 0 and a new head if the class count differs. '': from scratch.
+    c.init_from = ""
     c.nonfinite = "skip"  # non-finite loss/gradients: 'skip' the update (counted) or 'stop'.
     c.bad_images = "skip"  # undecodable images: 'skip' them (counted) or stop with an 'error'.
     return c
@@ -132,6 +137,7 @@ def validate(c: ml_collections.ConfigDict, device_count: int) -> None:
         _require(c[key] > 0, f"{key}: must be > 0")
     _require(c.eval_every_steps >= 0, "eval_every_steps: must be >= 0 (0: only at the end)")
     _require(c.keep_checkpoints > 0, "keep_checkpoints: must be > 0")
+    _require(c.sharding in SHARDINGS, f"sharding: {c.sharding!r} is unknown; use {SHARDINGS}")
     _require(c.nonfinite in NONFINITE, f"nonfinite: {c.nonfinite!r} is unknown; use {NONFINITE}")
     _require(
         c.bad_images in BAD_IMAGES, f"bad_images: {c.bad_images!r} is unknown; use {BAD_IMAGES}"

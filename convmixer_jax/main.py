@@ -13,7 +13,38 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a config file in configs/.")
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and TensorBoard events.")
 flags.DEFINE_enum("mode", "train", ["train", "eval"], "Train (resuming if possible) or evaluate.")
+flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0, for runs spanning several processes."
+)
+flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-process run.")
+flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
+flags.DEFINE_bool(
+    "multihost",
+    None,
+    "Initialise jax.distributed from the cluster environment (Cloud TPU pod slices, SLURM, "
+    "Open MPI). Default: on when SLURM or Open MPI report several tasks.",
+)
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _cluster_has_several_tasks() -> bool:
+    for var in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"):
+        if int(os.environ.get(var, "1")) > 1:
+            return True
+    return False
+
+
+def init_distributed() -> None:
+    """Starts JAX's multi-controller runtime when this run spans several processes."""
+    import jax
+
+    if FLAGS.coordinator_address:
+        jax.distributed.initialize(
+            FLAGS.coordinator_address, num_processes=FLAGS.num_processes,
+            process_id=FLAGS.process_id,
+        )  # fmt: skip
+    elif FLAGS.multihost or (FLAGS.multihost is None and _cluster_has_several_tasks()):
+        jax.distributed.initialize()  # JAX reads the cluster's own environment.
 
 
 class _OwnInfoOnly(pylogging.Filter):
@@ -39,6 +70,7 @@ def main(argv: list[str]) -> None:
 
     logging.set_verbosity(logging.INFO)
     logging.get_absl_handler().addFilter(_OwnInfoOnly())
+    init_distributed()
     run = train.evaluate if FLAGS.mode == "eval" else train.train_and_evaluate
     try:
         run(FLAGS.config, FLAGS.workdir)

@@ -7,24 +7,28 @@ object per call, `{"step": N, "<name>": value, ...}`, appended and never rewritt
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping
 from typing import Any
 
 import jax
 from clu import metric_writers
+from etils import epath
 
 
 class JsonlWriter(metric_writers.MetricWriter):
     """Appends scalars to `path` as JSON lines; other summary kinds are ignored."""
 
     def __init__(self, path: str):
-        self._path = path
+        self._path = epath.Path(path)
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
-        row = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
-        with open(self._path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        row = json.dumps({"step": int(step), **{k: float(v) for k, v in scalars.items()}}) + "\n"
+        if "://" in str(self._path):  # object stores cannot append: write the grown file anew
+            old = self._path.read_text() if self._path.exists() else ""
+            self._path.write_text(old + row)
+        else:
+            with open(self._path, "a") as f:
+                f.write(row)
 
     def write_summaries(self, step, values, metadata=None):
         pass
@@ -61,12 +65,12 @@ def create_writer(workdir: str) -> metric_writers.MetricWriter:
     return metric_writers.MultiWriter(
         [
             metric_writers.create_default_writer(workdir, asynchronous=False),
-            JsonlWriter(os.path.join(workdir, "metrics.jsonl")),
+            JsonlWriter(str(epath.Path(workdir) / "metrics.jsonl")),
         ]
     )
 
 
 def read_metrics(workdir: str) -> list[dict[str, float]]:
     """The rows of DIR/metrics.jsonl, in order."""
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    text = (epath.Path(workdir) / "metrics.jsonl").read_text()
+    return [json.loads(line) for line in text.splitlines() if line.strip()]

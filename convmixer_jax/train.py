@@ -17,7 +17,7 @@ from absl import logging
 from etils import epath
 from flax import nnx
 
-from convmixer_jax import checkpointing, models, optim, preemption, sharding, steps
+from convmixer_jax import checkpointing, models, optim, preemption, pretrained, sharding, steps
 from convmixer_jax import config as config_lib
 from convmixer_jax.data import datasets, input_pipeline
 from convmixer_jax.metrics import create_writer
@@ -75,7 +75,7 @@ def setup(config: ml_collections.ConfigDict) -> Experiment:
     abstract_state = jax.eval_shape(
         functools.partial(_init_state, config, tx, num_classes, config.seed)
     )
-    state_sharding = jax.tree.map(lambda _: sharding.replicated(mesh), abstract_state)
+    state_sharding = sharding.state_sharding(mesh, abstract_state, config.sharding)
     return Experiment(
         config,
         mesh,
@@ -99,7 +99,8 @@ def _init_state(config, tx, num_classes: int, seed: int) -> steps.TrainState:
 def initial_state(exp: Experiment) -> steps.TrainState:
     """Freshly initialised training state, created directly with its (replicated) sharding."""
     init = functools.partial(_init_state, exp.config, exp.tx, exp.num_classes, exp.config.seed)
-    return jax.jit(init, out_shardings=exp.state_sharding)()
+    state = jax.jit(init, out_shardings=exp.state_sharding)()
+    return pretrained.init_from(exp.config.init_from, state) if exp.config.init_from else state
 
 
 def compile_steps(exp: Experiment):

@@ -8,9 +8,16 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import importlib.util  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
 import numpy as np  # noqa: E402
+import orbax.checkpoint as ocp  # noqa: E402
 import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="session")
@@ -41,3 +48,44 @@ def write_image_folder(root, counts, size=(20, 28), seed=0):
                 ext = "png" if i % 2 else "jpg"
                 Image.fromarray(pixels).save(folder / f"{i}.{ext}")
     return root
+
+
+def quickstart_config(data_dir, **overrides):
+    """configs/quickstart.py, loaded like --config does, shrunk to a few-second run."""
+    spec = importlib.util.spec_from_file_location("quickstart", f"{ROOT}/configs/quickstart.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config()
+    c.data_dir = data_dir
+    c.model.width, c.model.depth = 16, 2
+    c.batch_size, c.eval_batch_size = 32, 200
+    c.num_train_steps = 9
+    c.log_every_steps, c.eval_every_steps, c.checkpoint_every_steps = 3, 6, 3
+    c.update(overrides)
+    return c
+
+
+def restore_params(workdir, step):
+    """The params saved at `step` in `workdir`, as NumPy arrays."""
+    import jax
+
+    path = os.path.join(workdir, "checkpoints", str(step), "model")
+    checkpointer = ocp.StandardCheckpointer()
+    # Restore onto one local device, whatever topology wrote the checkpoint.
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+        checkpointer.metadata(path).item_metadata.tree,
+    )
+    return checkpointer.restore(path, target)["params"]
+
+
+def cli_command(*args):
+    return [sys.executable, "-m", "convmixer_jax.main", *args]
+
+
+def run_cli(*args, timeout=600):
+    """Runs the real command line to completion."""
+    return subprocess.run(
+        cli_command(*args), capture_output=True, text=True, timeout=timeout, cwd=ROOT
+    )

@@ -1,46 +1,21 @@
 """End to end: train, checkpoint, resume exactly, re-run a finished run, evaluate, CLI errors."""
 
 import glob
-import importlib.util
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
-from conftest import write_image_folder
+from conftest import quickstart_config, restore_params, run_cli, write_image_folder
 from convmixer_jax import train
 from convmixer_jax.metrics import read_metrics
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _quickstart(data_dir, **overrides):
-    spec = importlib.util.spec_from_file_location("quickstart", f"{ROOT}/configs/quickstart.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config()
-    c.data_dir = data_dir
-    c.model.width, c.model.depth = 16, 2
-    c.batch_size, c.eval_batch_size = 32, 200
-    c.num_train_steps = 9
-    c.log_every_steps, c.eval_every_steps, c.checkpoint_every_steps = 3, 6, 3
-    c.update(overrides)
-    return c
-
-
-def _restore_params(workdir, step):
-    path = os.path.join(workdir, "checkpoints", str(step), "model")
-    return ocp.StandardCheckpointer().restore(path)["params"]
-
 
 def test_train_resume_finish_and_eval(synthetic_data_dir, tmp_path):
-    c = _quickstart(synthetic_data_dir)
+    c = quickstart_config(synthetic_data_dir)
     workdir = str(tmp_path / "run")
     final = train.train_and_evaluate(c, workdir)
 
@@ -69,13 +44,13 @@ def test_train_resume_finish_and_eval(synthetic_data_dir, tmp_path):
         assert evaluated[k] == pytest.approx(v, rel=1e-6)
 
     # Losing the newest checkpoints resumes from step 3 and ends bit-identical at step 9.
-    want = _restore_params(workdir, 9)
+    want = restore_params(workdir, 9)
     resumed = str(tmp_path / "resumed")
     shutil.copytree(workdir, resumed)
     for step in (6, 9):
         shutil.rmtree(os.path.join(resumed, "checkpoints", str(step)))
     again = train.train_and_evaluate(c, resumed)
-    got = _restore_params(resumed, 9)
+    got = restore_params(resumed, 9)
     for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
         np.testing.assert_array_equal(a, b)
     assert again == final
@@ -85,7 +60,7 @@ def test_image_folder_end_to_end(tmp_path):
     root = write_image_folder(
         tmp_path / "images", {"train": {"a": 8, "b": 8, "c": 8}, "test": {"a": 3, "b": 2, "c": 2}}
     )
-    c = _quickstart(
+    c = quickstart_config(
         str(root),
         dataset="image_folder",
         batch_size=8,
@@ -98,16 +73,6 @@ def test_image_folder_end_to_end(tmp_path):
     # 7 test images: every accuracy is a multiple of 1/7; three classes so top-5 is 1.
     assert metrics["eval/top1"] * 7 == pytest.approx(round(metrics["eval/top1"] * 7))
     assert metrics["eval/top5"] == 1.0
-
-
-def _cli(*args, timeout=600):
-    return subprocess.run(
-        [sys.executable, "-m", "convmixer_jax.main", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=ROOT,
-    )
 
 
 def test_cli_trains_and_evaluates(synthetic_data_dir, tmp_path):
@@ -123,11 +88,11 @@ def test_cli_trains_and_evaluates(synthetic_data_dir, tmp_path):
         "--config.batch_size=32",
         "--config.num_train_steps=4",
     ]
-    res = _cli(*common)
+    res = run_cli(*common)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "step 4/4" in res.stderr
     final = read_metrics(workdir)[-1]
-    res = _cli(*common, "--mode", "eval")
+    res = run_cli(*common, "--mode", "eval")
     assert res.returncode == 0, res.stderr[-2000:]
     row = read_metrics(workdir)[-1]
     assert row["step"] == 4 and row["eval/top1"] == pytest.approx(final["eval/top1"])
@@ -145,7 +110,7 @@ def test_cli_trains_and_evaluates(synthetic_data_dir, tmp_path):
     ],
 )
 def test_cli_bad_input_is_one_line_error(flag, message, synthetic_data_dir, tmp_path):
-    res = _cli(
+    res = run_cli(
         "--config",
         "configs/quickstart.py",
         "--workdir",

@@ -1,9 +1,10 @@
 """tf.data input pipelines: each host reads its own share of a TFDS split and augments it.
 
-Train: an endless, deterministic stream. Every epoch is shuffled with a seed derived from
-(seed, epoch), and every example's augmentation draws from a stateless key derived from
-(seed, process, epoch, example index), so the stream is a pure function of the config; resuming at
-step s starts at exactly the example it would have reached.
+Train: an endless, deterministic stream. Every epoch of the host's share is shuffled with a seed
+derived from (seed, epoch), and every example's augmentation draws from a stateless key derived
+from (seed, epoch, the example's index in the whole split), whichever host reads it. The stream is
+a pure function of the config and the host layout; resuming at step s starts at exactly the
+example it would have reached.
 
 Eval: every example of the split exactly once over all hosts; each host pads its share to the same
 number of batches and marks padding with mask 0.
@@ -29,9 +30,11 @@ AUTOTUNE = tf.data.AUTOTUNE
 
 
 class ProcessSplit(NamedTuple):
-    records: tf.data.Dataset  # (encoded image, label) pairs of this process's share
+    records: tf.data.Dataset  # (encoded image, label, name) triples of this process's share
     num_examples: int  # in this process's share
     max_examples: int  # in the largest share of any process
+    offset: int = 0  # local example i is example offset + i * stride of the whole split
+    stride: int = 1
 
 
 # Features that name an example's source file (ImageFolder, imagenet2012).
@@ -119,17 +122,20 @@ def process_split(builder, split: str, *, drop_remainder: bool) -> ProcessSplit:
         return ProcessSplit(_records(builder, split), total, total)
     if isinstance(builder, tfds.folder_dataset.ImageFolder):  # no sub-split support there
         records = _records(builder, split).shard(count, index)
-        mine = len(range(index, total, count))
+        mine, offset, stride = len(range(index, total, count)), index, count
     else:
-        if drop_remainder:
+        if drop_remainder:  # contiguous equal shares of total // count examples
             sub = tfds.split_for_jax_process(split, drop_remainder=True)
+            offset = index * (total // count)
         else:
             sub = tfds.even_splits(split, n=count, drop_remainder=False)[index]
+            offset = 0  # only used for training keys
         records = _records(builder, sub)
-        mine = builder.info.splits[sub].num_examples
+        mine, stride = builder.info.splits[sub].num_examples, 1
     if drop_remainder:
-        return ProcessSplit(records.take(total // count), total // count, total // count)
-    return ProcessSplit(records, mine, math.ceil(total / count))
+        share = total // count
+        return ProcessSplit(records.take(share), share, share, offset, stride)
+    return ProcessSplit(records, mine, math.ceil(total / count), offset, stride)
 
 
 def _normalize(image: tf.Tensor, config: ml_collections.ConfigDict) -> tf.Tensor:
@@ -200,20 +206,37 @@ def train_dataset(
     Bad images are skipped and counted in `skipped` (or stop the run; see config.bad_images).
     """
     split = process_split(builder, config.train_split, drop_remainder=True)
+    split_size = builder.info.splits[config.train_split].num_examples
+    return train_batches(
+        split, split_size, config, local_batch=local_batch, start_step=start_step, skipped=skipped
+    )
+
+
+def train_batches(
+    split: ProcessSplit,
+    split_size: int,
+    config: ml_collections.ConfigDict,
+    *,
+    local_batch: int,
+    start_step: int = 0,
+    skipped: tf.Variable | None = None,
+) -> tf.data.Dataset:
+    """The train stream of `split` (this process's share of a split of `split_size` examples)."""
     if split.num_examples < local_batch:
-        raise ValueError(
+        raise DataError(
             f"the {config.train_split!r} split has {split.num_examples} examples per process, "
             f"fewer than one batch ({local_batch}); lower batch_size"
         )
     records = split.records.cache() if config.cache_data else split.records
     records = records.enumerate()
     first_epoch, offset = divmod(start_step * local_batch, split.num_examples)
-    base_key = tf.constant([config.seed, jax.process_index()], tf.int64)
+    # Keys depend on the example's index in the whole split, not on the process reading it.
+    base_key = tf.constant([config.seed, 0], tf.int64)
     buffer = min(config.shuffle_buffer, split.num_examples)
 
     def epoch(e):
         shuffled = records.shuffle(buffer, seed=config.seed * 1_000_003 + e)
-        return shuffled.map(lambda i, rec: (e * split.num_examples + i, rec))
+        return shuffled.map(lambda i, rec: (e * split_size + split.offset + i * split.stride, rec))
 
     def preprocess(position, rec):
         key = tf.random.experimental.stateless_fold_in(base_key, position)
