@@ -55,13 +55,13 @@ def main(argv: list[str] | None = None) -> dict:
     for impl in args.impls:
         fwd = jax.jit(lambda x, kernel, impl=impl: depthwise_conv(x, kernel, impl=impl))
 
-        def loss(x, kernel, impl=impl):
+        def loss(x, kernel, g, impl=impl):
             return jnp.sum((depthwise_conv(x, kernel, impl=impl) * g).astype(jnp.float32))
 
         fwd_bwd = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
         results[impl] = {
             "fwd_ms": 1e3 * _time(fwd, x, kernel, repeats=args.repeats),
-            "fwd_bwd_ms": 1e3 * _time(fwd_bwd, x, kernel, repeats=args.repeats),
+            "fwd_bwd_ms": 1e3 * _time(fwd_bwd, x, kernel, g, repeats=args.repeats),
         }
 
     print(f"depthwise conv {n}x{h}x{w}x{c} k={args.k} {dtype.name} on {jax.default_backend()}")

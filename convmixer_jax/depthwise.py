@@ -1,24 +1,23 @@
 """Depthwise k x k convolution (stride 1, 'SAME' padding) for ConvMixer's mixer blocks.
 
-ConvMixer spends most of its FLOP-light but memory-heavy time in large-kernel depthwise convs. The
-natural JAX spelling, `lax.conv_general_dilated(..., feature_group_count=C)`, is a known slow path
-on CPU, and its backward pass is lowered like a dense conv (jax issues #13800, #23713): on a
-128x16x16x256 k=5 input it is ~10x slower than a plain sum of shifted multiply-adds.
+Every ConvMixer block starts with a large-kernel depthwise conv. The natural JAX spelling,
+`lax.conv_general_dilated(..., feature_group_count=C)`, is a known slow path on CPU, and its
+backward pass runs like a dense conv (jax issues #13800, #23713): on a 128x16x16x256 k=5 input it
+is roughly 10x slower than a plain sum of shifted multiply-adds, forward and backward.
 
 Implementations (`impl=`):
 
 - 'xla': XLA's grouped conv, the reference.
-- 'shift': the output as a sum of k*k shifted multiply-adds on the padded input, with a
-  hand-written `jax.custom_vjp` backward so autodiff never saves the k*k shifted copies: the input
-  gradient is the same shifted sum with the spatially flipped kernel (mirrored padding), and the
-  weight gradient is a per-tap reduction computed over the batch in chunks inside `lax.scan` so the
-  working set stays cache-sized. Only x and the kernel are kept as residuals.
+- 'shift': the output as a sum of k*k shifted multiply-adds on the padded input, computed over
+  cache-sized batch chunks inside `lax.scan`, with a hand-written `jax.custom_vjp` backward so
+  autodiff never saves the k*k shifted copies (only x and the kernel are kept). The input gradient
+  is the same shifted sum of the cotangent with the spatially flipped kernel (mirrored padding for
+  even k); the weight gradient, the expensive part, is accumulated over batch chunks in a scan,
+  each chunk as k fused row-tap sums over k column-shifted copies of the chunk.
 - 'auto': chosen per backend, see `_AUTO`.
 """
 
 from __future__ import annotations
-
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -26,11 +25,11 @@ from jax import lax
 
 IMPLS = ("xla", "shift")
 
-# impl='auto' by jax.default_backend().
-# CPU timings (AMD EPYC, 2 cores, jax 0.10.2, 128x16x16x256 f32, k=5), median of 5, measured with
+# impl='auto' by jax.default_backend(). CPU timings, float32 128x16x16x256, k=5, jax 0.10.2, 2-core
+# AMD EPYC VM shared with other jobs (load average ~3.5), median of 5, jit, warm-up excluded:
 #   python benchmarks/depthwise.py --shape 128 16 16 256 --k 5 --repeats 5
-#   xla:   fwd 466 ms, fwd+bwd 2127 ms
-#   shift: fwd  40 ms, fwd+bwd  200 ms
+#   xla:   fwd 761 ms, fwd+bwd 6476 ms
+#   shift: fwd  49 ms, fwd+bwd  177 ms  (other runs under heavier load: 76-100 / 263-422 ms)
 _AUTO = {
     "cpu": "shift",
     # Auto on accelerators uses XLA's conv until measured otherwise.
@@ -38,8 +37,9 @@ _AUTO = {
     "tpu": "xla",
 }
 
-# Images per step of the weight-gradient scan: keeps the per-step working set cache-sized.
-_WGRAD_CHUNK = 16
+# Per-step working sets of the batch-chunked loops: cache-sized chunks beat one pass over the batch.
+_FWD_CHUNK_BYTES = 2 << 20
+_WGRAD_CHUNK_BYTES = 1 << 20
 
 
 def _acc_dtype(dtype: jnp.dtype) -> jnp.dtype:
@@ -54,8 +54,18 @@ def _pads(k: int) -> tuple[int, int]:
     return (k - 1) // 2, k // 2
 
 
+def _chunk(x: jax.Array, budget: int) -> int:
+    """Images per chunk so that one chunk (in float32) takes about `budget` bytes."""
+    image_bytes = 4 * x.shape[1] * x.shape[2] * x.shape[3]
+    return max(1, min(x.shape[0], budget // max(image_bytes, 1)))
+
+
+def _chunk_start(step: jax.Array, chunk: int, n: int) -> jax.Array:
+    """First image of chunk `step`; the last chunk is moved back to end at n (it may overlap)."""
+    return jnp.minimum(step * chunk, n - chunk)
+
+
 def _xla(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    c = x.shape[-1]
     acc = _acc_dtype(x.dtype)
     out = lax.conv_general_dilated(
         x,
@@ -63,7 +73,7 @@ def _xla(x: jax.Array, kernel: jax.Array) -> jax.Array:
         window_strides=(1, 1),
         padding="SAME",
         dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        feature_group_count=c,
+        feature_group_count=x.shape[-1],
         preferred_element_type=acc if acc != x.dtype else None,
     )
     return out.astype(x.dtype)
@@ -71,60 +81,89 @@ def _xla(x: jax.Array, kernel: jax.Array) -> jax.Array:
 
 def _shifted_sum(x: jax.Array, w: jax.Array, pads: tuple[int, int]) -> jax.Array:
     """sum_{i,j} pad(x)[:, i:i+H, j:j+W, :] * w[i, j]; w is (k, k, C), pads (lo, hi) per axis."""
-    n, h, wd, c = x.shape
+    _, h, wd, _ = x.shape
     k = w.shape[0]
     acc = _acc_dtype(x.dtype)
-    xp = jnp.pad(x, ((0, 0), pads, pads, (0, 0))) if k > 1 else x
-    w = w.astype(x.dtype)
+    # Half-precision inputs are multiplied in float32 (exact for bf16 products, faster on CPU).
+    xp = jnp.pad(x, ((0, 0), pads, pads, (0, 0))).astype(acc)
+    w = w.astype(x.dtype).astype(acc)
     out = None
     for i in range(k):
         for j in range(k):
-            term = (xp[:, i : i + h, j : j + wd, :] * w[i, j]).astype(acc)
+            term = xp[:, i : i + h, j : j + wd, :] * w[i, j]
             out = term if out is None else out + term
     return out.astype(x.dtype)
 
 
-def _weight_grad(x: jax.Array, g: jax.Array, k: int) -> jax.Array:
-    """dw[i, j, c] = sum_{n,h,w} pad(x)[n, h+i, w+j, c] * g[n, h, w, c], chunked over the batch."""
-    n, h, wd, c = x.shape
+def _shifted_sum_chunked(x: jax.Array, w: jax.Array, pads: tuple[int, int]) -> jax.Array:
+    """`_shifted_sum` over cache-sized batch chunks inside `lax.scan`, written in place.
+
+    Besides locality, the loop keeps XLA from fusing the tap sum into a consumer reduction (a loss,
+    BatchNorm statistics), which on CPU materialises the shifted copies and runs several times
+    slower.
+    """
+    n = x.shape[0]
+    chunk = _chunk(x, _FWD_CHUNK_BYTES)
+    steps = -(-n // chunk)
+    if steps == 1:
+        return _shifted_sum(x, w, pads)
+
+    def body(out: jax.Array, step: jax.Array) -> tuple[jax.Array, None]:
+        start = _chunk_start(step, chunk, n)
+        y = _shifted_sum(lax.dynamic_slice_in_dim(x, start, chunk), w, pads)
+        return lax.dynamic_update_slice_in_dim(out, y, start, 0), None
+
+    out, _ = lax.scan(body, jnp.zeros_like(x), jnp.arange(steps))
+    return out
+
+
+def _weight_grad_chunk(x: jax.Array, g: jax.Array, k: int) -> jax.Array:
+    """Partial weight gradient of a chunk, not yet summed over n and w: (k, n, k, W, C).
+
+    out[i, n, j, w, c] = sum_h pad(x)[n, h+i, w+j, c] * g[n, h, w, c]. The k column shifts of x
+    are materialised (k chunk-sized copies); each row tap i is then one fused elementwise sum over
+    the rows, which XLA's CPU backend runs far faster than k*k reductions over shifted slices (it
+    materialises every slice before reducing it).
+    """
+    _, h, wd, _ = x.shape
     acc = _acc_dtype(x.dtype)
     lo, hi = _pads(k)
+    xp = jnp.pad(x.astype(acc), ((0, 0), (lo, hi), (lo, hi), (0, 0)))
+    g = g.astype(acc)
+    cols = jnp.stack([xp[:, :, j : j + wd, :] for j in range(k)], axis=1)  # (n, k, H+k-1, W, C)
+    rows = []
+    for i in range(k):
+        total = None
+        for r in range(h):
+            term = cols[:, :, r + i] * g[:, r, None]
+            total = term if total is None else total + term
+        rows.append(total)
+    return jnp.stack(rows)
 
-    def taps(xc: jax.Array, gc: jax.Array) -> jax.Array:
-        xp = jnp.pad(xc, ((0, 0), (lo, hi), (lo, hi), (0, 0)))
-        gc = gc.astype(acc)
-        rows = []
-        for i in range(k):
-            for j in range(k):
-                s = xp[:, i : i + h, j : j + wd, :].astype(acc)
-                rows.append(jnp.sum(s * gc, axis=(0, 1, 2)))
-        return jnp.stack(rows).reshape(k, k, c)
 
-    chunk = min(_WGRAD_CHUNK, n)
-    steps, rest = divmod(n, chunk)
-    total = jnp.zeros((k, k, c), acc)
-    if steps > 1:
-        main = steps * chunk
-        xs = x[:main].reshape(steps, chunk, h, wd, c)
-        gs = g[:main].reshape(steps, chunk, h, wd, c)
+def _weight_grad(x: jax.Array, g: jax.Array, k: int) -> jax.Array:
+    """dw[i, j, c] = sum_{n,h,w} pad(x)[n, h+i, w+j, c] * g[n, h, w, c], over batch chunks."""
+    n, c = x.shape[0], x.shape[-1]
+    acc = _acc_dtype(x.dtype)
+    chunk = _chunk(x, _WGRAD_CHUNK_BYTES)
+    steps = -(-n // chunk)
 
-        def body(carry, xg):
-            return carry + taps(*xg), None
+    def body(total: jax.Array, step: jax.Array) -> tuple[jax.Array, None]:
+        start = _chunk_start(step, chunk, n)
+        xc = lax.dynamic_slice_in_dim(x, start, chunk)
+        gc = lax.dynamic_slice_in_dim(g, start, chunk)
+        # Images the (moved-back) last chunk shares with the previous one are counted once.
+        fresh = start + jnp.arange(chunk) >= step * chunk
+        gc = jnp.where(fresh[:, None, None, None], gc, jnp.zeros((), gc.dtype))
+        return total + _weight_grad_chunk(xc, gc, k).sum(axis=(1, 3)), None
 
-        total, _ = lax.scan(body, total, (xs, gs))
-    elif steps == 1:
-        total = taps(x[:chunk], g[:chunk])
-    if rest:
-        total = total + taps(x[steps * chunk :], g[steps * chunk :])
+    total, _ = lax.scan(body, jnp.zeros((k, k, c), acc), jnp.arange(steps))
     return total
 
 
 @jax.custom_vjp
 def _shift(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    k = kernel.shape[0]
-    # The barrier keeps XLA from fusing the k*k-tap sum into a consumer reduction (a loss, BN's
-    # statistics): on CPU that fusion materialises the shifted copies and runs several times slower.
-    return lax.optimization_barrier(_shifted_sum(x, kernel[:, :, 0, :], _pads(k)))
+    return _shifted_sum_chunked(x, kernel[:, :, 0, :], _pads(kernel.shape[0]))
 
 
 def _shift_fwd(x: jax.Array, kernel: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
@@ -136,9 +175,8 @@ def _shift_bwd(res: tuple[jax.Array, jax.Array], g: jax.Array) -> tuple[jax.Arra
     k = kernel.shape[0]
     lo, hi = _pads(k)
     g = g.astype(x.dtype)
-    # Input gradient: correlation of g with the flipped kernel, padding mirrored (hi before).
-    dx = _shifted_sum(g, kernel[::-1, ::-1, 0, :], (hi, lo))
-    dx = lax.optimization_barrier(dx)
+    # Input gradient: the same shifted sum of g with the flipped kernel and mirrored padding.
+    dx = _shifted_sum_chunked(g, kernel[::-1, ::-1, 0, :], (hi, lo))
     dw = _weight_grad(x, g, k)
     return dx, dw[:, :, None, :].astype(kernel.dtype)
 
