@@ -3,6 +3,8 @@
     python -m convmixer_jax.benchmark model --config configs/X.py [--batch_size N]
         [--image_size S] [--steps N] [--dtype bfloat16] [--peak_tflops P]
     python -m convmixer_jax.benchmark data --config configs/X.py [--batch_size N]
+    python -m convmixer_jax.benchmark memory --config configs/X.py [--batch_sizes 16,32,64]
+        [--remats none,block,dots] [--dtype bfloat16]
 
 Each prints a table-like log and, as its last line, one JSON object. Timings exclude compilation
 and warm-up, block on the outputs, and are the median of `--repeats` timed runs.
@@ -18,6 +20,7 @@ import statistics
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 from flax import nnx
@@ -32,6 +35,8 @@ flags.DEFINE_integer("repeats", 3, "Timed runs; the median is reported.")
 flags.DEFINE_string("dtype", "", "Compute dtype (float32 or bfloat16; '': the config's).")
 flags.DEFINE_float("peak_tflops", 0.0, "Peak dense TFLOP/s of one device (0: known table).")
 flags.DEFINE_integer("num_images", 256, "data: distinct JPEGs to cycle through.")
+flags.DEFINE_list("batch_sizes", ["16", "32", "64"], "memory: per-device batch sizes.")
+flags.DEFINE_list("remats", ["none", "block", "dots"], "memory: model.remat settings.")
 flags.mark_flags_as_required(["config"])
 
 # Dense bf16 peak TFLOP/s per device, by jax's device_kind.
@@ -164,6 +169,45 @@ def benchmark_model(config, *, steps: int, repeats: int, peak_tflops: float = 0.
     }
 
 
+def train_step_memory(config, per_device_batch: int) -> int | None:
+    """Peak bytes of one device's train step (XLA's memory analysis), compiled, never run."""
+    from convmixer_jax import models, optim, train
+    from convmixer_jax import steps as steps_lib
+
+    spec = models.get_spec(config.model.name)
+    num_classes = config.model.num_classes or spec.num_classes
+    tx = optim.create_optimizer(config, optim.onecycle_schedule(config.learning_rate, 1000))
+
+    def init():
+        model = train.build_model(config, num_classes, config.seed)
+        _, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+        return steps_lib.init_train_state(params, batch_stats, tx)
+
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: train.build_model(config, num_classes, 0)))
+    size = config.image_size
+    batch = {
+        "image": jax.ShapeDtypeStruct((per_device_batch, size, size, 3), jnp.float32),
+        "label": jax.ShapeDtypeStruct((per_device_batch,), jnp.int32),
+    }
+    step_fn = functools.partial(
+        steps_lib.train_step, graphdef=graphdef, tx=tx, label_smoothing=config.label_smoothing
+    )
+    lowered = jax.jit(step_fn, donate_argnums=0).lower(jax.eval_shape(init), batch)
+    return _peak_memory(lowered.compile())
+
+
+def benchmark_memory(config, batch_sizes: list[int], remats: list[str]) -> dict:
+    """{remat: {per-device batch: peak GiB}} for the train step."""
+    table = {}
+    for remat in remats:
+        config.model.remat = remat
+        table[remat] = {
+            b: round(train_step_memory(config, b) / 2**30, 2) for b in batch_sizes
+        }  # fmt: skip
+    return {"model": config.model.name, "dtype": config.dtype, "image_size": config.image_size,
+            "device_kind": jax.devices()[0].device_kind, "peak_gib": table}  # fmt: skip
+
+
 def _synthetic_jpegs(n: int, rng: np.random.Generator) -> list[bytes]:
     """ImageNet-like JPEGs (~500x375, smooth content with edges, so typical file sizes)."""
     from PIL import Image
@@ -219,8 +263,10 @@ def benchmark_data(config, *, num_images: int, steps: int, repeats: int) -> dict
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) != 2 or argv[1] not in ("model", "data"):
-        raise app.UsageError("usage: python -m convmixer_jax.benchmark model|data --config FILE")
+    if len(argv) != 2 or argv[1] not in ("model", "data", "memory"):
+        raise app.UsageError(
+            "usage: python -m convmixer_jax.benchmark model|data|memory --config FILE"
+        )
     import tensorflow as tf
 
     tf.config.set_visible_devices([], "GPU")
@@ -235,6 +281,9 @@ def main(argv: list[str]) -> None:
         result = benchmark_model(
             config, steps=FLAGS.steps, repeats=FLAGS.repeats, peak_tflops=FLAGS.peak_tflops
         )
+    elif argv[1] == "memory":
+        batch_sizes = [int(b) for b in FLAGS.batch_sizes]
+        result = benchmark_memory(config, batch_sizes, FLAGS.remats)
     else:
         result = benchmark_data(
             config, num_images=FLAGS.num_images, steps=FLAGS.steps, repeats=FLAGS.repeats

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ml_collections
 
 from convmixer_jax import models
+from convmixer_jax.depthwise import IMPLS
 
 DATASETS = ("synthetic_shapes", "image_folder", "cifar10", "imagenet2012")
 SCHEDULES = ("onecycle", "cosine")
@@ -34,7 +35,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.patch_size = 0
     c.model.activation = ""  # '': the registered value; else 'gelu' or 'relu'.
     c.model.num_classes = 0  # 0: taken from the dataset.
-    c.model.depthwise_impl = "auto"
+    c.model.depthwise_impl = "auto"  # 'auto' (fastest measured per backend), 'xla', 'shift'.
+    c.model.scan = True  # run the mixer blocks as one lax.scan (flat compile time).
+    c.model.remat = "none"  # recompute activations in backward: 'none', 'block' or 'dots'.
 
     c.dataset = "imagenet2012"
     c.data_dir = ""  # '': TFDS's default (~/tensorflow_datasets); the tree root for image_folder.
@@ -103,6 +106,14 @@ def validate(c: ml_collections.ConfigDict, device_count: int) -> None:
     )
     for key in ("width", "depth", "kernel_size", "patch_size", "num_classes"):
         _require(c.model[key] >= 0, f"model.{key}: must be >= 0 (0 uses the registered value)")
+    _require(
+        c.model.remat in models.REMAT_POLICIES,
+        f"model.remat: {c.model.remat!r} is unknown; use one of {list(models.REMAT_POLICIES)}",
+    )
+    _require(
+        c.model.depthwise_impl in ("auto", *IMPLS),
+        f"model.depthwise_impl: {c.model.depthwise_impl!r} is unknown; use auto or one of {IMPLS}",
+    )
     act = c.model.activation
     _require(
         act in ("", *models.ACTIVATIONS),

@@ -118,6 +118,21 @@ class DepthwiseConv(nnx.Module):
         return y + self.bias[...].astype(dtype)
 
 
+class PointwiseConv(nnx.Module):
+    """1x1 conv as a matrix product over channels (so remat's dot policies see it), with bias;
+    kernel (1, 1, C, C) as in an nnx.Conv."""
+
+    def __init__(self, width: int, *, dtype, rngs: nnx.Rngs):
+        self.kernel = nnx.Param(_torch_kernel_init(rngs.params(), (1, 1, width, width)))
+        self.bias = nnx.Param(_torch_uniform(width)(rngs.params(), (width,)))
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dtype = self.dtype or x.dtype
+        y = jnp.einsum("...c,cd->...d", x.astype(dtype), self.kernel[...][0, 0].astype(dtype))
+        return y + self.bias[...].astype(dtype)
+
+
 class MixerBlock(nnx.Module):
     """Residual(depthwise conv -> act -> BN) -> pointwise conv -> act -> BN."""
 
@@ -126,7 +141,7 @@ class MixerBlock(nnx.Module):
             width, kernel_size, dtype=dtype, impl=depthwise_impl, rngs=rngs
         )
         self.norm1 = _batch_norm(width, dtype, rngs)
-        self.pointwise = _conv(width, width, 1, 1, dtype, rngs)
+        self.pointwise = PointwiseConv(width, dtype=dtype, rngs=rngs)
         self.norm2 = _batch_norm(width, dtype, rngs)
         self.activation = activation
 
@@ -136,8 +151,50 @@ class MixerBlock(nnx.Module):
         return self.norm2(act(self.pointwise(x)), use_running_average=not train)
 
 
+REMAT_POLICIES = {
+    "none": None,
+    "block": jax.checkpoint_policies.nothing_saveable,  # keep only each block's input
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep pointwise outputs
+}
+
+
+def _run_blocks(blocks: nnx.List, x: jax.Array, train: bool, scan: bool, remat: str):
+    """Applies the mixer blocks, as a `lax.scan` over their stacked variables when `scan`.
+
+    Scanning compiles one block instead of `depth` copies, so compile time stays flat as depth
+    grows. The variables keep their per-block layout (params/blocks/<i>/...), so checkpoints and
+    converted weights load either way; only BatchNorm statistics are written back.
+    """
+    graphdef = nnx.graphdef(blocks[0])
+
+    def body(x, state):
+        block = nnx.merge(graphdef, state)
+        return block(x, train), nnx.state(block, nnx.BatchStat)
+
+    if REMAT_POLICIES[remat] is not None:
+        body = jax.checkpoint(body, policy=REMAT_POLICIES[remat])
+    states = [nnx.state(block) for block in blocks]
+    if scan and len(blocks) > 1:
+        stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
+        x, new_stats = jax.lax.scan(body, x, stacked)
+        new_stats = [jax.tree.map(lambda s, i=i: s[i], new_stats) for i in range(len(blocks))]
+    else:
+        new_stats = []
+        for state in states:
+            x, stats = body(x, state)
+            new_stats.append(stats)
+    if train:
+        for block, stats in zip(blocks, new_stats, strict=True):
+            nnx.update(block, stats)
+    return x
+
+
 class ConvMixer(nnx.Module):
-    """ConvMixer-h/d: NHWC images whose size the patch size divides -> float32 logits."""
+    """ConvMixer-h/d: NHWC images whose size the patch size divides -> float32 logits.
+
+    `scan` runs the identical mixer blocks as one `lax.scan`; `remat` ('none', 'block' or
+    'dots') recomputes activations in the backward pass to save memory.
+    """
 
     def __init__(
         self,
@@ -151,8 +208,12 @@ class ConvMixer(nnx.Module):
         in_channels: int = 3,
         dtype=jnp.float32,
         depthwise_impl: str = "auto",
+        scan: bool = True,
+        remat: str = "none",
         rngs: nnx.Rngs,
     ):
+        if remat not in REMAT_POLICIES:
+            raise ValueError(f"unknown remat {remat!r}; choose one of {list(REMAT_POLICIES)}")
         if activation not in ACTIVATIONS:
             raise ValueError(
                 f"unknown activation {activation!r}; choose one of {list(ACTIVATIONS)}"
@@ -160,6 +221,8 @@ class ConvMixer(nnx.Module):
         self.patch_size = patch_size
         self.activation = activation
         self.dtype = dtype
+        self.scan = scan
+        self.remat = remat
         self.stem = _conv(in_channels, width, patch_size, patch_size, dtype, rngs)
         self.stem_norm = _batch_norm(width, dtype, rngs)
         self.blocks = nnx.List(
@@ -192,8 +255,7 @@ class ConvMixer(nnx.Module):
             )
         x = ACTIVATIONS[self.activation](self.stem(images.astype(self.dtype)))
         x = self.stem_norm(x, use_running_average=not train)
-        for block in self.blocks:
-            x = block(x, train)
+        x = _run_blocks(self.blocks, x, train, self.scan, self.remat)
         pooled = jnp.mean(x.astype(jnp.float32), axis=(-3, -2))
         return self.head(pooled)
 
@@ -233,6 +295,8 @@ def create_model(
     rngs: nnx.Rngs | None = None,
     dtype=jnp.float32,
     depthwise_impl: str = "auto",
+    scan: bool = True,
+    remat: str = "none",
     **overrides,
 ) -> ConvMixer:
     """Builds the registered variant `name`; `overrides` replace width/depth/kernel_size/...
@@ -256,5 +320,7 @@ def create_model(
         num_classes=num_classes or spec.num_classes,
         dtype=dtype,
         depthwise_impl=depthwise_impl,
+        scan=scan,
+        remat=remat,
         rngs=rngs if rngs is not None else nnx.Rngs(0),
     )

@@ -47,6 +47,8 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int, seed: int) 
         rngs=nnx.Rngs(seed),
         dtype=jnp.dtype(config.dtype),
         depthwise_impl=m.depthwise_impl,
+        scan=m.scan,
+        remat=m.remat,
         width=m.width,
         depth=m.depth,
         kernel_size=m.kernel_size,
@@ -233,50 +235,61 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     )
     eval_ds = _eval_data(exp)
 
+    with preemption.Guard() as guard:
+        try:
+            return _train_loop(
+                exp, state, train_fn, eval_fn, train_iter, eval_ds, skipped_images, manager,
+                writer, guard,
+            )  # fmt: skip
+        finally:  # whatever ends the loop, the newest checkpoint is completed, never half-written
+            manager.wait_until_finished()
+            manager.close()
+            writer.flush()
+
+
+def _train_loop(
+    exp, state, train_fn, eval_fn, train_iter, eval_ds, skipped_images, manager, writer, guard
+) -> dict[str, float]:
+    """Steps until the end (returns the final eval metrics) or a preemption (raises)."""
+    config, step = exp.config, int(state["step"])
     pending: list[dict[str, jax.Array]] = []  # metrics not yet fetched from the devices
     interval: list[dict[str, np.ndarray]] = []  # fetched metrics since the last log line
     timer_start, timer_step = None, step
     eval_metrics: dict[str, float] = {}
-    with preemption.Guard() as guard:
-        while step < exp.total_steps:
-            batch = sharding.global_batch(exp.mesh, next(train_iter))
-            state, metrics = train_fn(state, batch)
-            step += 1
-            pending.append(metrics)
-            if timer_start is None:  # exclude compilation from the throughput
-                jax.block_until_ready(metrics)
-                timer_start, timer_step = time.perf_counter(), step
-            last = step == exp.total_steps
-            log_now = last or step % config.log_every_steps == 0
-            eval_now = last or (config.eval_every_steps and step % config.eval_every_steps == 0)
-            preempted = guard.reached(manager, step)
-            save_now = last or preempted or step % config.checkpoint_every_steps == 0
-            if log_now or eval_now or save_now:
-                rows = jax.device_get(pending)
-                _check_finite(config, rows, step - len(rows) + 1)
-                interval += rows
-                pending = []
-            if log_now:
-                rate = (step - timer_step) / (time.perf_counter() - timer_start)
-                skipped = {
-                    "train/skipped_steps": int(state["skipped_steps"]),
-                    "train/skipped_images": int(skipped_images.numpy()),
-                }
-                _log_train(writer, exp, step, interval, rate, skipped)
-                interval = []
-            if eval_now:
-                eval_metrics = run_eval(exp, eval_fn, state, eval_ds)
-                writer.write_scalars(step, eval_metrics)
-                logging.info("eval at step %d: %s", step, _fmt(eval_metrics))
-            if save_now:
-                checkpointing.save(manager, step, state)
-            if preempted:
-                manager.wait_until_finished()
-                writer.flush()
-                raise preemption.Preempted(step)
-    manager.wait_until_finished()
-    manager.close()
-    writer.flush()
+    while step < exp.total_steps:
+        batch = sharding.global_batch(exp.mesh, next(train_iter))
+        state, metrics = train_fn(state, batch)
+        step += 1
+        pending.append(metrics)
+        if timer_start is None:  # exclude compilation from the throughput
+            jax.block_until_ready(metrics)
+            timer_start, timer_step = time.perf_counter(), step
+        last = step == exp.total_steps
+        log_now = last or step % config.log_every_steps == 0
+        eval_now = last or (config.eval_every_steps and step % config.eval_every_steps == 0)
+        preempted = guard.reached(manager, step)
+        save_now = last or preempted or step % config.checkpoint_every_steps == 0
+        if log_now or eval_now or save_now:
+            rows = jax.device_get(pending)
+            _check_finite(config, rows, step - len(rows) + 1)
+            interval += rows
+            pending = []
+        if log_now:
+            rate = (step - timer_step) / (time.perf_counter() - timer_start)
+            skipped = {
+                "train/skipped_steps": int(state["skipped_steps"]),
+                "train/skipped_images": int(skipped_images.numpy()),
+            }
+            _log_train(writer, exp, step, interval, rate, skipped)
+            interval = []
+        if eval_now:
+            eval_metrics = run_eval(exp, eval_fn, state, eval_ds)
+            writer.write_scalars(step, eval_metrics)
+            logging.info("eval at step %d: %s", step, _fmt(eval_metrics))
+        if save_now:
+            checkpointing.save(manager, step, state)
+        if preempted:
+            raise preemption.Preempted(step)
     return eval_metrics
 
 
