@@ -9,6 +9,7 @@ from __future__ import annotations
 import ml_collections
 
 from convmixer_jax import models
+from convmixer_jax.data.augment import parse_randaugment
 from convmixer_jax.depthwise import IMPLS
 
 DATASETS = ("synthetic_shapes", "image_folder", "cifar10", "imagenet2012")
@@ -17,6 +18,7 @@ DTYPES = ("float32", "bfloat16")
 NONFINITE = ("skip", "stop")
 SHARDINGS = ("replicated", "fsdp")
 BAD_IMAGES = ("skip", "error")
+TRAIN_INTERPOLATIONS = ("bilinear", "bicubic", "random")
 
 
 class ConfigError(ValueError):
@@ -50,6 +52,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.crop_aspect_min = 3 / 4
     c.crop_aspect_max = 4 / 3
     c.horizontal_flip = True
+    c.train_interpolation = "bilinear"  # crop resize: 'bilinear', 'bicubic' or 'random' (either).
+    c.randaugment = ""  # a timm RandAugment string, e.g. 'rand-m9-mstd0.5-inc1'; '' disables.
+    c.random_erase_prob = 0.0  # timm random erasing ('pixel' mode, after normalisation).
     c.mean = models.IMAGENET_MEAN
     c.std = models.IMAGENET_STD
     c.shuffle_buffer = 16_384
@@ -143,6 +148,16 @@ def validate(c: ml_collections.ConfigDict, device_count: int) -> None:
     _require(c.dtype in DTYPES, f"dtype: {c.dtype!r} is unknown; use one of {DTYPES}")
     _require(0 < c.crop_pct <= 1, f"crop_pct: {c.crop_pct} must be in (0, 1]")
     _require(0 < c.crop_area_min <= 1, f"crop_area_min: {c.crop_area_min} must be in (0, 1]")
+    _require(
+        c.train_interpolation in TRAIN_INTERPOLATIONS,
+        f"train_interpolation: {c.train_interpolation!r} is unknown; use {TRAIN_INTERPOLATIONS}",
+    )
+    if c.randaugment:
+        try:
+            parse_randaugment(c.randaugment)
+        except ValueError as e:
+            raise ConfigError(f"randaugment: {e}") from None
+    _require(0 <= c.random_erase_prob <= 1, "random_erase_prob: must be in [0, 1]")
     _require(0 <= c.label_smoothing < 1, "label_smoothing: must be in [0, 1)")
     for key in ("log_every_steps", "checkpoint_every_steps"):
         _require(c[key] > 0, f"{key}: must be > 0")

@@ -24,6 +24,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from convmixer_jax.data import augment
 from convmixer_jax.data.datasets import DataError
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -148,11 +149,29 @@ def _decode(encoded: tf.Tensor) -> tf.Tensor:
     return tf.io.decode_image(encoded, channels=3, expand_animations=False)
 
 
+def _resize(image: tf.Tensor, size: int, method: str, key: tf.Tensor) -> tf.Tensor:
+    """Resizes to size x size; method 'random' picks bilinear or bicubic per image (as timm)."""
+    if method != "random":
+        return tf.image.resize(image, [size, size], method=method)
+    bicubic = tf.random.stateless_uniform([], key) < 0.5
+    return tf.cond(
+        bicubic,
+        lambda: tf.image.resize(image, [size, size], method="bicubic"),
+        lambda: tf.image.resize(image, [size, size], method="bilinear"),
+    )
+
+
 def train_preprocess(
     encoded: tf.Tensor, key: tf.Tensor, config: ml_collections.ConfigDict
 ) -> tf.Tensor:
-    """Decode, random resized crop, horizontal flip, normalise; all randomness from `key`."""
-    crop_key, flip_key = tf.unstack(tf.random.experimental.stateless_split(key, 2))
+    """Decode, random resized crop, flip, RandAugment, normalise, random erasing.
+
+    All randomness comes from `key`.
+    """
+    # The first two subkeys do not depend on how many are split off.
+    crop_key, flip_key, resize_key, augment_key, erase_key = tf.unstack(
+        tf.random.experimental.stateless_split(key, 5)
+    )
     image = _decode(encoded)
     begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
         tf.shape(image),
@@ -165,10 +184,18 @@ def train_preprocess(
         use_image_if_no_bounding_boxes=True,
     )
     image = tf.slice(image, begin, size)
-    image = tf.image.resize(image, [config.image_size] * 2, method="bilinear")
+    image = _resize(image, config.image_size, config.train_interpolation, resize_key)
     if config.horizontal_flip:
         image = tf.image.stateless_random_flip_left_right(image, flip_key)
-    return _normalize(image, config)
+    if config.randaugment:
+        image = tf.clip_by_value(tf.round(image), 0.0, 255.0)  # timm augments 8-bit images
+        fill = tuple(min(255, round(255 * m)) for m in config.mean)
+        policy = augment.parse_randaugment(config.randaugment)
+        image = augment.rand_augment(image, augment_key, policy, fill)
+    image = _normalize(image, config)
+    if config.random_erase_prob > 0:
+        image = augment.random_erase(image, erase_key, prob=config.random_erase_prob)
+    return image
 
 
 def eval_preprocess(encoded: tf.Tensor, config: ml_collections.ConfigDict) -> tf.Tensor:
