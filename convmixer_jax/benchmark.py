@@ -177,6 +177,7 @@ def train_step_memory(config, per_device_batch: int) -> int | None:
     spec = models.get_spec(config.model.name)
     num_classes = config.model.num_classes or spec.num_classes
     tx = optim.create_optimizer(config, optim.onecycle_schedule(config.learning_rate, 1000))
+    config.bn_group_size = 0  # per-group statistics need no more memory; groups may not divide
 
     def init():
         model = train.build_model(config, num_classes, config.seed)

@@ -75,6 +75,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.adam_eps = 1e-3
     c.grad_clip_norm = 1.0  # 0 disables clipping.
     c.label_smoothing = 0.1
+    # Mixup/CutMix on the accelerator (timm's); both alphas 0 disables mixing.
+    c.mixup_alpha = 0.0  # Mixup lambda ~ Beta(alpha, alpha); 0 disables Mixup.
+    c.cutmix_alpha = 0.0  # CutMix lambda ~ Beta(alpha, alpha); 0 disables CutMix.
+    c.mixup_switch_prob = 0.5  # with both enabled: probability of CutMix instead of Mixup.
+    c.mixup_group_size = 0  # one draw per group of this many images (paper: 64); 0: whole batch.
+    c.bn_group_size = 0  # train BatchNorm statistics per group of images (paper: 64); 0: sync-BN.
 
     c.sharding = "replicated"  # training state: 'replicated' or 'fsdp' (sharded along 'data').
     c.seed = 0
@@ -159,6 +165,14 @@ def validate(c: ml_collections.ConfigDict, device_count: int) -> None:
             raise ConfigError(f"randaugment: {e}") from None
     _require(0 <= c.random_erase_prob <= 1, "random_erase_prob: must be in [0, 1]")
     _require(0 <= c.label_smoothing < 1, "label_smoothing: must be in [0, 1)")
+    for key in ("mixup_alpha", "cutmix_alpha"):
+        _require(c[key] >= 0, f"{key}: must be >= 0 (0 disables it)")
+    _require(0 <= c.mixup_switch_prob <= 1, "mixup_switch_prob: must be in [0, 1]")
+    for key in ("mixup_group_size", "bn_group_size"):
+        _require(
+            c[key] >= 0 and c.batch_size % max(c[key], 1) == 0,
+            f"{key}: {c[key]} must be 0 (whole batch) or divide batch_size {c.batch_size}",
+        )
     for key in ("log_every_steps", "checkpoint_every_steps"):
         _require(c[key] > 0, f"{key}: must be > 0")
     _require(c.eval_every_steps >= 0, "eval_every_steps: must be >= 0 (0: only at the end)")

@@ -97,9 +97,48 @@ def _conv(cin: int, cout: int, k: int, stride: int, dtype, rngs: nnx.Rngs) -> nn
     )
 
 
-def _batch_norm(width: int, dtype, rngs: nnx.Rngs) -> nnx.BatchNorm:
+class GroupBatchNorm(nnx.BatchNorm):
+    """nnx.BatchNorm (same variables) whose train-mode statistics cover groups of images.
+
+    With `group_size` > 0 each run of `group_size` consecutive images of the batch is normalised
+    with its own mean and (biased) variance, as one GPU's batch is with unsynced BatchNorm; the
+    running statistics move towards the mean over groups of those. 0: the whole batch (sync-BN).
+    Channels-last inputs only.
+    """
+
+    def __init__(self, num_features: int, *, group_size: int = 0, **kwargs):
+        super().__init__(num_features, **kwargs)
+        self.group_size = group_size
+
+    def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
+        if use_running_average is None:
+            use_running_average = self.use_running_average
+        if not self.group_size or use_running_average:
+            return super().__call__(x, use_running_average)
+        batch = x.shape[0]
+        if batch % self.group_size:
+            raise ValueError(
+                f"bn_group_size {self.group_size} does not divide the batch of {batch} images"
+            )
+        x, scale, bias = self.promote_dtype((x, self.scale[...], self.bias[...]), dtype=self.dtype)
+        groups = x.reshape(batch // self.group_size, self.group_size, *x.shape[1:])
+        stats = groups.astype(jnp.promote_types(groups.dtype, jnp.float32))
+        axes = tuple(range(1, groups.ndim - 1))  # per group: images and pixels
+        mean = stats.mean(axes, keepdims=True)
+        var = jnp.maximum(0.0, jnp.square(stats).mean(axes, keepdims=True) - jnp.square(mean))
+        over_groups = tuple(range(groups.ndim - 1))
+        for running, value in ((self.mean, mean), (self.var, var)):
+            update = self.momentum * running[...] + (1 - self.momentum) * value.mean(over_groups)
+            running[...] = jax.lax.stop_gradient(update)
+        y = (groups - mean) * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias
+        return y.reshape(x.shape).astype(self.dtype or x.dtype)
+
+
+def _batch_norm(width: int, dtype, rngs: nnx.Rngs, group_size: int = 0) -> GroupBatchNorm:
     # PyTorch momentum 0.1 is Flax momentum 0.9.
-    return nnx.BatchNorm(width, momentum=0.9, epsilon=1e-5, dtype=dtype, rngs=rngs)
+    return GroupBatchNorm(
+        width, group_size=group_size, momentum=0.9, epsilon=1e-5, dtype=dtype, rngs=rngs
+    )
 
 
 class DepthwiseConv(nnx.Module):
@@ -136,13 +175,15 @@ class PointwiseConv(nnx.Module):
 class MixerBlock(nnx.Module):
     """Residual(depthwise conv -> act -> BN) -> pointwise conv -> act -> BN."""
 
-    def __init__(self, width, kernel_size, *, activation, dtype, depthwise_impl, rngs):
+    def __init__(
+        self, width, kernel_size, *, activation, dtype, depthwise_impl, rngs, bn_group_size=0
+    ):
         self.depthwise = DepthwiseConv(
             width, kernel_size, dtype=dtype, impl=depthwise_impl, rngs=rngs
         )
-        self.norm1 = _batch_norm(width, dtype, rngs)
+        self.norm1 = _batch_norm(width, dtype, rngs, bn_group_size)
         self.pointwise = PointwiseConv(width, dtype=dtype, rngs=rngs)
-        self.norm2 = _batch_norm(width, dtype, rngs)
+        self.norm2 = _batch_norm(width, dtype, rngs, bn_group_size)
         self.activation = activation
 
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -193,7 +234,8 @@ class ConvMixer(nnx.Module):
     """ConvMixer-h/d: NHWC images whose size the patch size divides -> float32 logits.
 
     `scan` runs the identical mixer blocks as one `lax.scan`; `remat` ('none', 'block' or
-    'dots') recomputes activations in the backward pass to save memory.
+    'dots') recomputes activations in the backward pass to save memory; `bn_group_size` > 0
+    computes train-mode BatchNorm statistics per group of that many images (GroupBatchNorm).
     """
 
     def __init__(
@@ -210,6 +252,7 @@ class ConvMixer(nnx.Module):
         depthwise_impl: str = "auto",
         scan: bool = True,
         remat: str = "none",
+        bn_group_size: int = 0,
         rngs: nnx.Rngs,
     ):
         if remat not in REMAT_POLICIES:
@@ -224,7 +267,7 @@ class ConvMixer(nnx.Module):
         self.scan = scan
         self.remat = remat
         self.stem = _conv(in_channels, width, patch_size, patch_size, dtype, rngs)
-        self.stem_norm = _batch_norm(width, dtype, rngs)
+        self.stem_norm = _batch_norm(width, dtype, rngs, bn_group_size)
         self.blocks = nnx.List(
             [
                 MixerBlock(
@@ -234,6 +277,7 @@ class ConvMixer(nnx.Module):
                     dtype=dtype,
                     depthwise_impl=depthwise_impl,
                     rngs=rngs,
+                    bn_group_size=bn_group_size,
                 )
                 for _ in range(depth)
             ]
@@ -297,6 +341,7 @@ def create_model(
     depthwise_impl: str = "auto",
     scan: bool = True,
     remat: str = "none",
+    bn_group_size: int = 0,
     **overrides,
 ) -> ConvMixer:
     """Builds the registered variant `name`; `overrides` replace width/depth/kernel_size/...
@@ -322,5 +367,6 @@ def create_model(
         depthwise_impl=depthwise_impl,
         scan=scan,
         remat=remat,
+        bn_group_size=bn_group_size,
         rngs=rngs if rngs is not None else nnx.Rngs(0),
     )

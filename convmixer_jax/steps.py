@@ -3,7 +3,8 @@
 The training state is a plain dict pytree {'step', 'params', 'batch_stats', 'opt_state',
 'skipped_steps'}; the model's structure (an NNX GraphDef) and the optimizer are static arguments.
 BatchNorm statistics are computed over the whole batch the step sees, which under jit over a
-batch-sharded global array is the global batch on every device.
+batch-sharded global array is the global batch on every device (or over groups of it: the
+model's bn_group_size).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+
+from convmixer_jax import mixing as mixing_lib
 
 TrainState = dict[str, Any]
 
@@ -53,14 +56,29 @@ def train_step(
     graphdef: nnx.GraphDef,
     tx: optax.GradientTransformation,
     label_smoothing: float,
+    mixing: mixing_lib.MixConfig | None = None,
+    seed: int = 0,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimizer step on `batch` ({'image': NHWC float, 'label': int}); returns new state."""
+    """One optimizer step on `batch` ({'image': NHWC float, 'label': int}); returns new state.
+
+    With `mixing`, the batch is mixed (Mixup/CutMix) with a key from `seed` and the step, so a
+    resumed run mixes exactly as an uninterrupted one; top-1 is still against the true labels.
+    """
+    images, targets = batch["image"], None
+    if mixing is not None:
+        key = jax.random.fold_in(jax.random.key(seed), state["step"])
+        images, targets = mixing_lib.mix_batch(
+            key, images, batch["label"], label_smoothing=label_smoothing, **vars(mixing)
+        )
 
     def loss_fn(params, batch_stats):
         model = nnx.merge(graphdef, params, batch_stats, copy=True)
-        logits = model(batch["image"], train=True)
-        targets = soft_targets(batch["label"], logits.shape[-1], label_smoothing)
-        loss = jnp.mean(cross_entropy(logits, targets))
+        logits = model(images, train=True)
+        if targets is None:
+            loss_targets = soft_targets(batch["label"], logits.shape[-1], label_smoothing)
+        else:
+            loss_targets = targets
+        loss = jnp.mean(cross_entropy(logits, loss_targets))
         return loss, (logits, nnx.state(model, nnx.BatchStat))
 
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(

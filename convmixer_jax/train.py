@@ -17,7 +17,16 @@ from absl import logging
 from etils import epath
 from flax import nnx
 
-from convmixer_jax import checkpointing, models, optim, preemption, pretrained, sharding, steps
+from convmixer_jax import (
+    checkpointing,
+    mixing,
+    models,
+    optim,
+    preemption,
+    pretrained,
+    sharding,
+    steps,
+)
 from convmixer_jax import config as config_lib
 from convmixer_jax.data import datasets, input_pipeline
 from convmixer_jax.metrics import create_writer
@@ -49,6 +58,7 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int, seed: int) 
         depthwise_impl=m.depthwise_impl,
         scan=m.scan,
         remat=m.remat,
+        bn_group_size=config.bn_group_size,
         width=m.width,
         depth=m.depth,
         kernel_size=m.kernel_size,
@@ -115,6 +125,8 @@ def compile_steps(exp: Experiment):
             graphdef=exp.graphdef,
             tx=exp.tx,
             label_smoothing=exp.config.label_smoothing,
+            mixing=mixing.from_config(exp.config, exp.num_classes),
+            seed=exp.config.seed,
         ),
         in_shardings=(exp.state_sharding, batch),
         out_shardings=(exp.state_sharding, repl),

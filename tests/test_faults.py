@@ -153,7 +153,7 @@ def test_mismatched_workdir_names_the_arrays(synthetic_data_dir, tmp_path):
     assert res.returncode == 2
     (line,) = [x for x in res.stderr.splitlines() if x.startswith("error:")]
     assert "written for another model" in line
-    assert "params/blocks/0/depthwise/bias has shape (16,), the config needs (24,)" in line
+    assert "/blocks/0/norm1/mean has shape (16,), the config needs (24,)" in line
     assert "and 28 more" in line
 
 
