@@ -14,26 +14,14 @@ Hardware: ~9 days on 10 RTX8000 GPUs (the authors); one TPU v4-32 pod slice or a
 Expected: 81.37% top-1 (the authors' result).
 """
 
-from convmixer_jax.config import base_config
+from convmixer_jax.config import imagenet_config
 
 
 def get_config():
-    c = base_config()
+    c = imagenet_config()
     c.model.name = "convmixer_1536_20"
     # Recompute each block in the backward pass: 64 images per device then fit a 16 GiB TPU v3
     # core, a TPU v4 chip and an 80 GB H100 (README, "Memory").
     c.model.remat = "block"
-    c.dataset = "imagenet2012"
     c.num_epochs = 150.0
-    c.crop_pct = 0.96
-    c.train_interpolation = "random"  # timm: bilinear or bicubic per image
-    c.randaugment = "rand-m9-mstd0.5-inc1"
-    c.random_erase_prob = 0.25
-    c.mixup_alpha = 0.5
-    c.cutmix_alpha = 0.5
-    c.mixup_switch_prob = 0.5
-    c.mixup_group_size = 64  # one draw per 64 images, as on each of the authors' GPUs
-    c.bn_group_size = 64  # BatchNorm statistics per 64 images, as on each of the authors' GPUs
-    c.eval_every_steps = 10_000
-    c.checkpoint_every_steps = 2_000
     return c

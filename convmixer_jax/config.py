@@ -98,6 +98,25 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+def imagenet_config() -> ml_collections.ConfigDict:
+    """The authors' ImageNet recipe (timm settings) on top of the base: data, augmentation,
+    Mixup/CutMix and per-64-image BatchNorm; model configs add the model and epoch count."""
+    c = base_config()
+    c.dataset = "imagenet2012"
+    c.crop_pct = 0.96
+    c.train_interpolation = "random"  # timm: bilinear or bicubic per image
+    c.randaugment = "rand-m9-mstd0.5-inc1"
+    c.random_erase_prob = 0.25
+    c.mixup_alpha = 0.5
+    c.cutmix_alpha = 0.5
+    c.mixup_switch_prob = 0.5
+    c.mixup_group_size = 64  # one draw per 64 images, as on each of the authors' GPUs
+    c.bn_group_size = 64  # BatchNorm statistics per 64 images, as on each of the authors' GPUs
+    c.eval_every_steps = 10_000
+    c.checkpoint_every_steps = 2_000
+    return c
+
+
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
