@@ -1,0 +1,355 @@
+"""Times the same ConvMixer in PyTorch and in JAX, one after the other in one process.
+
+    python benchmarks/compare_pytorch.py --config configs/cifar10.py --batch_size 128 \
+        --image_size 32 [--model NAME] [--dtype float32|bfloat16] [--depthwise_impl auto|xla|shift]
+        [--remat none|block|dots] [--width W] [--depth D] [--kernel_size K] [--patch_size P]
+        [--scan|--no-scan] [--steps N] [--repeats R] [--threads T] [--malloc keep|default]
+        [--compile]
+
+Both sides run a full training step (forward, cross-entropy with the config's label smoothing,
+backward, gradient clipping if the config clips, AdamW with the config's hyper-parameters) and an
+inference forward (eval-mode BatchNorm, no gradients) on the same random batch, same size, same
+dtype (PyTorch's bfloat16 is autocast). PyTorch runs eagerly in NCHW and in channels_last, and with
+`--compile` also under `torch.compile` (skipped with the reason where it fails). JAX runs through
+`convmixer_jax.benchmark.benchmark_model`. PyTorch's intra-op threads are set to the cores this
+process may use (XLA's CPU client sizes its pool the same way); PyTorch and JAX never run at the
+same time. Timings exclude warm-up and compilation and are the median of `--repeats` runs of
+`--steps` steps. Prints a table, then as its last line one JSON object with both sides' images/s
+and the ratios JAX / PyTorch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import importlib.util
+import json
+import os
+import pathlib
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import jax
+import ml_collections
+import numpy as np
+import torch
+from torch import nn
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from convmixer_jax import convert, models, train  # noqa: E402
+from convmixer_jax.benchmark import benchmark_model  # noqa: E402
+from convmixer_jax.depthwise import resolve_impl  # noqa: E402
+
+LAYOUTS = ("nchw", "channels_last")
+_JAX_KEYS = ("train_images_per_sec", "infer_images_per_sec", "compile_seconds", "device_kind")
+
+
+# ---------------------------------------------------------------------------------------------
+# The PyTorch model, with timm's module names (so `convert`'s names map onto it)
+
+
+class _Residual(nn.Module):
+    def __init__(self, fn: nn.Module):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x) + x
+
+
+class TorchConvMixer(nn.Module):
+    """ConvMixer-h/d (conv -> act -> BN everywhere, exact GELU) laid out like timm's."""
+
+    def __init__(self, width: int, depth: int, kernel_size: int, patch_size: int,
+                 num_classes: int, activation: str):  # fmt: skip
+        super().__init__()
+        act = {"gelu": nn.GELU, "relu": nn.ReLU}[activation]
+        h, k = width, kernel_size
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, h, patch_size, stride=patch_size), act(), nn.BatchNorm2d(h)
+        )
+        self.blocks = nn.Sequential(*[
+            nn.Sequential(
+                _Residual(nn.Sequential(
+                    nn.Conv2d(h, h, k, groups=h, padding="same"), act(), nn.BatchNorm2d(h)
+                )),
+                nn.Conv2d(h, h, 1), act(), nn.BatchNorm2d(h),
+            )
+            for _ in range(depth)
+        ])  # fmt: skip
+        self.pooling = nn.AdaptiveAvgPool2d(1)
+        self.head = nn.Linear(h, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.pooling(self.blocks(self.stem(x))).flatten(1))
+
+
+def architecture(config: ml_collections.ConfigDict) -> dict:
+    """width/depth/kernel_size/patch_size/num_classes/activation of the config's model."""
+    m = config.model
+    spec = models.get_spec(m.name)
+    return {
+        "width": m.width or spec.width,
+        "depth": m.depth or spec.depth,
+        "kernel_size": m.kernel_size or spec.kernel_size,
+        "patch_size": m.patch_size or spec.patch_size,
+        "num_classes": m.num_classes or spec.num_classes,
+        "activation": m.activation or spec.activation,
+    }
+
+
+def torch_from_jax(jax_model: models.ConvMixer, **arch) -> TorchConvMixer:
+    """A PyTorch ConvMixer of architecture `arch` holding `jax_model`'s weights and statistics."""
+    model = TorchConvMixer(**arch)
+    state = {
+        key: torch.from_numpy(convert.to_torch_layout(np.array(variable.get_value())))
+        for key, variable in convert.variables(jax_model).items()
+    }
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected and all(k.endswith("num_batches_tracked") for k in missing)
+    return model
+
+
+def torch_model(config: ml_collections.ConfigDict) -> TorchConvMixer:
+    """The config's architecture in PyTorch, with the JAX model's initial weights."""
+    arch = architecture(config)
+    return torch_from_jax(train.build_model(config, arch["num_classes"], config.seed), **arch)
+
+
+# ---------------------------------------------------------------------------------------------
+# PyTorch timings
+
+
+def _median_seconds(fn: Callable[[], object], steps: int, repeats: int) -> float:
+    """Median over `repeats` of the mean wall time of `steps` calls (after one warm-up call)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        times.append((time.perf_counter() - start) / steps)
+    return statistics.median(times)
+
+
+def _optimizer(model: nn.Module, config: ml_collections.ConfigDict) -> torch.optim.AdamW:
+    """AdamW as `convmixer_jax.optim`: decay on >= 2-D parameters unless weight_decay_all."""
+    params = list(model.parameters())
+    decay = [p for p in params if config.weight_decay_all or p.ndim >= 2]
+    rest = [p for p in params if not (config.weight_decay_all or p.ndim >= 2)]
+    groups = [{"params": decay, "weight_decay": config.weight_decay}]
+    if rest:
+        groups.append({"params": rest, "weight_decay": 0.0})
+    return torch.optim.AdamW(
+        groups, lr=config.learning_rate, betas=(config.adam_b1, config.adam_b2),
+        eps=config.adam_eps,
+    )  # fmt: skip
+
+
+def benchmark_torch(
+    config: ml_collections.ConfigDict,
+    *,
+    layout: str,
+    compile: bool,
+    steps: int,
+    repeats: int,
+) -> dict:
+    """images/s of a PyTorch train step and inference forward in `layout` ('nchw' or
+    'channels_last'), eager or under torch.compile."""
+    model = torch_model(config)
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    model = model.to(memory_format=fmt)
+    rng = np.random.default_rng(0)
+    size, batch_size = config.image_size, config.batch_size
+    images = torch.from_numpy(rng.normal(size=(batch_size, 3, size, size)).astype(np.float32))
+    images = images.contiguous(memory_format=fmt)
+    labels = torch.from_numpy(rng.integers(0, model.head.out_features, batch_size))
+    opt = _optimizer(model, config)
+    autocast = torch.autocast("cpu", torch.bfloat16, enabled=config.dtype == "bfloat16")
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    run = torch.compile(model) if compile else model
+
+    def train_once():
+        model.train()
+        opt.zero_grad(set_to_none=True)
+        with autocast:
+            logits = run(images)
+        loss = loss_fn(logits.float(), labels)
+        loss.backward()
+        if config.grad_clip_norm > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip_norm)
+        opt.step()
+        return loss
+
+    def infer_once():
+        model.eval()
+        with torch.inference_mode(), autocast:
+            return run(images)
+
+    train_seconds = _median_seconds(train_once, steps, repeats)
+    infer_seconds = _median_seconds(infer_once, steps, repeats)
+    return {
+        "train_images_per_sec": batch_size / train_seconds,
+        "infer_images_per_sec": batch_size / infer_seconds,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# The comparison
+
+
+def load_config(path: str) -> ml_collections.ConfigDict:
+    """`get_config()` of a config file, as `--config` loads it."""
+    spec = importlib.util.spec_from_file_location(pathlib.Path(path).stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def compare(
+    config: ml_collections.ConfigDict,
+    *,
+    steps: int,
+    repeats: int,
+    layouts: tuple[str, ...] = LAYOUTS,
+    compile: bool = False,
+) -> dict:
+    """PyTorch (each layout, eager then compiled if asked), then JAX; figures and ratios."""
+    torch_results: dict[str, dict] = {}
+    skipped: dict[str, str] = {}
+    for mode in ("eager", "compile") if compile else ("eager",):
+        for layout in layouts:
+            name = f"{mode}_{layout}"
+            try:
+                torch_results[name] = benchmark_torch(
+                    config, layout=layout, compile=mode == "compile", steps=steps, repeats=repeats
+                )
+            except Exception as e:  # noqa: BLE001  (torch.compile's failures have many types)
+                if mode == "eager":
+                    raise
+                skipped[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    jax_result = benchmark_model(config, steps=steps, repeats=repeats)
+    ratios = {}
+    for kind in ("train", "infer"):
+        key = f"{kind}_images_per_sec"
+        ours = jax_result[key]
+        eager = {n: r[key] for n, r in torch_results.items() if n.startswith("eager_")}
+        ratios[f"{kind}_vs_fastest_eager"] = ours / max(eager.values())
+        ratios[f"{kind}_vs"] = {n: ours / r[key] for n, r in torch_results.items()}
+    return {
+        "model": config.model.name,
+        **architecture(config),
+        "batch_size": config.batch_size,
+        "image_size": config.image_size,
+        "dtype": config.dtype,
+        "depthwise_impl": resolve_impl(jax_result["depthwise_impl"]),
+        "remat": config.model.remat,
+        "scan": config.model.scan,
+        "torch_version": torch.__version__,
+        "jax_version": jax.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "jax": {k: jax_result[k] for k in _JAX_KEYS},
+        "pytorch": torch_results,
+        "pytorch_skipped": skipped,
+        "ratios": ratios,
+    }
+
+
+def _table(result: dict) -> str:
+    rows = [("jax", result["jax"])] + [(f"pytorch {n}", r) for n, r in result["pytorch"].items()]
+    lines = [f"{'':<28}{'train img/s':>14}{'infer img/s':>14}{'JAX/this train':>16}"
+             f"{'JAX/this infer':>16}"]  # fmt: skip
+    jt, ji = result["jax"]["train_images_per_sec"], result["jax"]["infer_images_per_sec"]
+    for name, r in rows:
+        t, i = r["train_images_per_sec"], r["infer_images_per_sec"]
+        lines.append(f"{name:<28}{t:>14.2f}{i:>14.2f}{jt / t:>15.2f}x{ji / i:>15.2f}x")
+    lines += [f"pytorch {n}: skipped ({why})" for n, why in result["pytorch_skipped"].items()]
+    return "\n".join(lines)
+
+
+def keep_freed_memory() -> None:
+    """Makes glibc's malloc keep freed memory in the process for reuse (both frameworks use it).
+
+    Both allocate their activations afresh every step (XLA one temp buffer per execution, PyTorch
+    one per tensor), and glibc serves and frees such large blocks with mmap/munmap, so every step
+    touches gigabytes of new pages: on this VM the page faults cost as much as the arithmetic. One
+    arena (M_ARENA_MAX=1), no mmap (M_MMAP_MAX=0) and no trimming (M_TRIM_THRESHOLD=-1) make
+    freed blocks come back without faults, like the caching allocators GPU frameworks use.
+    """
+    libc = ctypes.CDLL("libc.so.6")
+    for option, value in ((-8, 1), (-4, 0), (-1, -1)):  # M_ARENA_MAX, M_MMAP_MAX, M_TRIM_THRESHOLD
+        if libc.mallopt(option, value) != 1:
+            raise OSError(f"mallopt({option}, {value}) failed")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="a config file in configs/")
+    parser.add_argument("--model", default="", help="registered model name ('': the config's)")
+    for key in ("width", "depth", "kernel_size", "patch_size"):
+        parser.add_argument(f"--{key}", type=int, default=0, help="0: the model's")
+    parser.add_argument("--batch_size", type=int, default=0, help="0: the config's")
+    parser.add_argument("--image_size", type=int, default=0, help="0: the config's")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--depthwise_impl", default="", help="auto, xla or shift ('': config's)")
+    parser.add_argument(
+        "--remat", default="none", help="JAX model.remat (default none: PyTorch eager keeps "
+        "every activation, so this compares the same work; '': the config's)",
+    )  # fmt: skip
+    parser.add_argument("--steps", type=int, default=3, help="steps per timed run")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs; the median is kept")
+    parser.add_argument("--threads", type=int, default=0, help="PyTorch threads (0: all cores)")
+    parser.add_argument(
+        "--scan", action=argparse.BooleanOptionalAction, default=None,
+        help="JAX model.scan (default: the config's)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--malloc", default="keep", choices=("keep", "default"),
+        help="keep: glibc keeps freed memory for reuse (see keep_freed_memory); default: as is",
+    )  # fmt: skip
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile")
+    args = parser.parse_args(argv)
+
+    config = load_config(args.config)
+    config.dtype = args.dtype
+    for key in ("batch_size", "image_size"):
+        if getattr(args, key):
+            config[key] = getattr(args, key)
+    if args.model:
+        config.model.name = args.model
+    for key in ("width", "depth", "kernel_size", "patch_size"):
+        if getattr(args, key):
+            config.model[key] = getattr(args, key)
+    if args.depthwise_impl:
+        config.model.depthwise_impl = args.depthwise_impl
+    if args.remat:
+        config.model.remat = args.remat
+    if args.scan is not None:
+        config.model.scan = args.scan
+    if args.malloc == "keep":
+        keep_freed_memory()
+    torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
+
+    load_before = os.getloadavg()
+    result = compare(config, steps=args.steps, repeats=args.repeats, compile=args.compile)
+    result["malloc"] = args.malloc
+    result["load_average_before"] = [round(x, 2) for x in load_before]
+    result["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
+    print(
+        f"{result['model']} (h{result['width']} d{result['depth']} k{result['kernel_size']} "
+        f"p{result['patch_size']}), {result['image_size']} px, batch {result['batch_size']}, "
+        f"{result['dtype']}, JAX depthwise {result['depthwise_impl']}, remat {result['remat']}, "
+        f"scan {result['scan']}, malloc {result['malloc']}, torch threads "
+        f"{result['torch_threads']}, load {result['load_average_before']} -> "
+        f"{result['load_average_after']}"
+    )
+    print(_table(result))
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

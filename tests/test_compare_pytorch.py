@@ -1,0 +1,73 @@
+"""benchmarks/compare_pytorch.py: the PyTorch twin computes our logits; the JSON has the figures."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+from conftest import ROOT
+from convmixer_jax import models
+
+
+@pytest.fixture(scope="module")
+def compare():
+    spec = importlib.util.spec_from_file_location(
+        "compare_pytorch", f"{ROOT}/benchmarks/compare_pytorch.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("activation,k", [("gelu", 5), ("relu", 4)])
+def test_torch_twin_matches_jax_logits(compare, activation, k):
+    arch = dict(width=12, depth=1, kernel_size=k, patch_size=2, num_classes=5)
+    model = models.ConvMixer(**arch, activation=activation, rngs=nnx.Rngs(3))
+    rng = np.random.default_rng(0)
+    for path, stat in nnx.iter_graph(model):  # non-trivial running statistics
+        if isinstance(stat, nnx.BatchStat):
+            shift = 0.0 if path[-1] == "mean" else 1.0
+            stat.set_value(jnp.asarray(shift + 0.3 * rng.random(stat.get_value().shape)))
+    twin = compare.torch_from_jax(model, **arch, activation=activation)
+    images = rng.normal(size=(4, 8, 8, 3)).astype(np.float32)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        twin = twin.to(memory_format=layout)
+        with torch.no_grad():
+            got_eval = twin.eval()(x.contiguous(memory_format=layout)).numpy()
+            got_train = twin.train()(x.contiguous(memory_format=layout)).numpy()
+        want_eval = model(jnp.asarray(images), train=False)
+        want_train = model(jnp.asarray(images), train=True)  # batch statistics, as PyTorch's
+        np.testing.assert_allclose(got_eval, want_eval, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(got_train, want_train, rtol=1e-4, atol=1e-4)
+    assert np.abs(got_eval - got_train).max() > 1e-3  # the statistics matter
+
+
+def test_main_prints_both_figures_and_ratios(compare, capsys):
+    compare.main(
+        ["--config", f"{ROOT}/configs/cifar10.py", "--model", "convmixer_tiny",
+         "--width", "16", "--depth", "1", "--kernel_size", "3", "--batch_size", "8",
+         "--image_size", "8", "--steps", "1", "--repeats", "1", "--malloc", "default"]
+    )  # fmt: skip
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (out["model"], out["width"], out["depth"], out["batch_size"]) == (
+        "convmixer_tiny", 16, 1, 8,
+    )  # fmt: skip
+    assert out["dtype"] == "float32" and out["depthwise_impl"] == "shift"
+    assert sorted(out["pytorch"]) == ["eager_channels_last", "eager_nchw"]
+    for figures in [out["jax"], *out["pytorch"].values()]:
+        assert figures["train_images_per_sec"] > 0 and figures["infer_images_per_sec"] > 0
+    for kind in ("train", "infer"):
+        key = f"{kind}_images_per_sec"
+        fastest = max(r[key] for r in out["pytorch"].values())
+        ratios = out["ratios"]
+        assert ratios[f"{kind}_vs_fastest_eager"] == pytest.approx(out["jax"][key] / fastest)
+        for name, r in out["pytorch"].items():
+            assert ratios[f"{kind}_vs"][name] == pytest.approx(out["jax"][key] / r[key])
+    assert len(out["load_average_before"]) == 3 and out["torch_threads"] >= 1
