@@ -315,6 +315,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     config = load_config(args.config)
     config.dtype = args.dtype
+    config.bn_group_size = 0  # PyTorch's BatchNorm normalises over the whole batch
     for key in ("batch_size", "image_size"):
         if getattr(args, key):
             config[key] = getattr(args, key)

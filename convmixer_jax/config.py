@@ -6,6 +6,8 @@ Every file in configs/ starts from `base_config()` and overrides a few fields. M
 
 from __future__ import annotations
 
+import re
+
 import ml_collections
 
 from convmixer_jax import models
@@ -19,6 +21,10 @@ NONFINITE = ("skip", "stop")
 SHARDINGS = ("replicated", "fsdp")
 BAD_IMAGES = ("skip", "error")
 TRAIN_INTERPOLATIONS = ("bilinear", "bicubic", "random")
+# A TFDS name: dataset[/config][:version], e.g. imagenet_v2/matched-frequency or cifar10:3.0.2.
+_TFDS_NAME = re.compile(
+    r"[a-z][a-z0-9_]*(/[A-Za-z0-9][A-Za-z0-9_.\-]*)?(:[0-9]+\.[0-9*]+\.[0-9*]+)?"
+)
 
 
 class ConfigError(ValueError):
@@ -45,6 +51,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.data_dir = ""  # '': TFDS's default (~/tensorflow_datasets); the tree root for image_folder.
     c.train_split = "train"
     c.eval_split = ""  # '': 'validation' if the dataset has it, else 'test', else 'val'.
+    # More eval sets, comma-separated TFDS names read from data_dir, evaluated whenever the main
+    # eval runs, e.g. 'imagenet_v2/matched-frequency,imagenet2012_real' (metrics
+    # eval_imagenet_v2/top1, eval_imagenet2012_real/real_top1, ...); '' for none.
+    c.extra_eval_datasets = ""
     c.image_size = 224
     c.crop_pct = 0.875  # eval: resize the shorter side to image_size / crop_pct, center crop.
     c.eval_interpolation = "bicubic"
@@ -114,7 +124,31 @@ def imagenet_config() -> ml_collections.ConfigDict:
     c.bn_group_size = 64  # BatchNorm statistics per 64 images, as on each of the authors' GPUs
     c.eval_every_steps = 10_000
     c.checkpoint_every_steps = 2_000
+    # ImageNet-V2 and ReaL stay off: each needs preparing first (README), then
+    # --config.extra_eval_datasets=imagenet_v2/matched-frequency,imagenet2012_real adds them.
     return c
+
+
+def extra_eval_datasets(c: ml_collections.ConfigDict) -> dict[str, str]:
+    """The extra eval sets as {metric prefix: TFDS name}, e.g.
+    {'eval_imagenet_v2': 'imagenet_v2/matched-frequency'}; ConfigError for a malformed list."""
+    out: dict[str, str] = {}
+    if not c.extra_eval_datasets.strip():
+        return out
+    for name in (n.strip() for n in c.extra_eval_datasets.split(",")):
+        _require(
+            _TFDS_NAME.fullmatch(name) is not None,
+            f"extra_eval_datasets: {name!r} is not a TFDS name; use comma-separated names like "
+            "'imagenet_v2/matched-frequency,imagenet2012_real'",
+        )
+        prefix = "eval_" + name.split("/")[0].split(":")[0]
+        _require(
+            prefix not in out,
+            f"extra_eval_datasets: {out.get(prefix)!r} and {name!r} would both report as "
+            f"{prefix}/...; list each dataset once",
+        )
+        out[prefix] = name
+    return out
 
 
 def _require(ok: bool, message: str) -> None:
@@ -201,3 +235,4 @@ def validate(c: ml_collections.ConfigDict, device_count: int) -> None:
     _require(
         c.bad_images in BAD_IMAGES, f"bad_images: {c.bad_images!r} is unknown; use {BAD_IMAGES}"
     )
+    extra_eval_datasets(c)

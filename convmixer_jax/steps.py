@@ -108,15 +108,33 @@ def train_step(
 def eval_step(
     params, batch_stats, batch: dict[str, jax.Array], *, graphdef: nnx.GraphDef
 ) -> dict[str, jax.Array]:
-    """Sums over the real (mask == 1) examples of a padded batch: top-1, top-5, loss and count."""
+    """Sums over the real (mask == 1) examples of a padded batch: top-1, top-5, loss and count.
+
+    A batch with ReaL label sets ('real', multi-hot) also gets `real_sums`.
+    """
     model = nnx.merge(graphdef, params, batch_stats)
     logits = model(batch["image"], train=False)
     num_classes = logits.shape[-1]
     mask = batch["mask"].astype(jnp.float32)
     loss = cross_entropy(logits, jax.nn.one_hot(batch["label"], num_classes))
-    return {
+    sums = {
         "top1": jnp.sum(_topk_correct(logits, batch["label"], 1) * mask),
         "top5": jnp.sum(_topk_correct(logits, batch["label"], min(5, num_classes)) * mask),
         "loss": jnp.sum(loss * mask),
         "count": jnp.sum(mask),
+    }
+    if "real" in batch:
+        sums.update(real_sums(logits, batch["real"], batch["mask"]))
+    return sums
+
+
+def real_sums(logits: jax.Array, real: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:
+    """ReaL top-1 (Beyer et al. 2020) as sums: a prediction is right if it is in the image's
+    label set (`real`, multi-hot); images with an empty set (and padding) are left out."""
+    predicted = jax.lax.top_k(logits, 1)[1]
+    hit = jnp.take_along_axis(real, predicted, axis=-1)[:, 0]
+    scored = jnp.any(real, axis=-1) & (mask > 0)
+    return {
+        "real_top1": jnp.sum(hit & scored, dtype=jnp.float32),
+        "real_count": jnp.sum(scored, dtype=jnp.float32),
     }

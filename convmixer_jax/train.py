@@ -46,6 +46,8 @@ class Experiment:
     graphdef: nnx.GraphDef
     abstract_state: steps.TrainState
     state_sharding: Any
+    # config.extra_eval_datasets' builders by metric prefix, e.g. {'eval_imagenet_v2': ...}.
+    extra_eval: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def build_model(config: ml_collections.ConfigDict, num_classes: int, seed: int) -> models.ConvMixer:
@@ -76,6 +78,10 @@ def setup(config: ml_collections.ConfigDict) -> Experiment:
             f"train_split {config.train_split!r} is not in {list(builder.info.splits)}; set it"
         )
     num_classes = config.model.num_classes or datasets.num_classes(builder)
+    extra_eval = {
+        prefix: datasets.extra_eval_builder(name, config, num_classes)
+        for prefix, name in config_lib.extra_eval_datasets(config).items()
+    }
     train_examples = builder.info.splits[config.train_split].num_examples
     steps_per_epoch = train_examples / config.batch_size
     total_steps = config.num_train_steps or max(1, math.ceil(config.num_epochs * steps_per_epoch))
@@ -99,6 +105,7 @@ def setup(config: ml_collections.ConfigDict) -> Experiment:
         graphdef,
         abstract_state,
         state_sharding,
+        extra_eval,
     )
 
 
@@ -144,11 +151,12 @@ def compile_steps(exp: Experiment):
     return train, evaluate
 
 
-def run_eval(exp: Experiment, eval_fn, state, eval_data) -> dict[str, float]:
-    """Exact top-1/top-5/loss over the whole eval split (padding masked out).
+def run_eval(exp: Experiment, eval_fn, state, eval_data, prefix: str = "eval") -> dict[str, float]:
+    """Exact top-1/top-5/loss over the whole eval split (padding masked out), named PREFIX/...
 
     `eval_data` is (dataset, number of examples in the split); examples whose image could not
-    be decoded are reported as eval/skipped_images.
+    be decoded are reported as PREFIX/skipped_images. Datasets with ReaL labels add
+    PREFIX/real_top1 and PREFIX/real_images (the images with a non-empty label set).
     """
     eval_ds, expected = eval_data
     totals: dict[str, float] = {}
@@ -160,20 +168,41 @@ def run_eval(exp: Experiment, eval_fn, state, eval_data) -> dict[str, float]:
             totals[k] = totals.get(k, 0.0) + float(v)
     count = totals.get("count", 0.0)
     if count <= 0:
-        raise datasets.DataError("the eval split is empty; set eval_split to a split with data")
-    metrics = {f"eval/{k}": totals[k] / count for k in ("top1", "top5", "loss")}
+        hint = "set eval_split to a split with data" if prefix == "eval" else "prepare it again"
+        raise datasets.DataError(f"the {prefix} split is empty; {hint}")
+    metrics = {f"{prefix}/{k}": totals[k] / count for k in ("top1", "top5", "loss")}
+    if totals.get("real_count", 0.0) > 0:
+        metrics[f"{prefix}/real_top1"] = totals["real_top1"] / totals["real_count"]
+        metrics[f"{prefix}/real_images"] = totals["real_count"]
     if count < expected:
-        logging.warning("Eval skipped %d undecodable images.", expected - count)
-        metrics["eval/skipped_images"] = expected - count
+        logging.warning("%s skipped %d undecodable images.", prefix, expected - count)
+        metrics[f"{prefix}/skipped_images"] = expected - count
     return metrics
 
 
-def _eval_data(exp: Experiment) -> tuple[Any, int]:
-    """The eval dataset of this process and the number of examples in the whole split."""
-    split = datasets.eval_split(exp.builder, exp.config)
+def _eval_data(exp: Experiment, builder=None, split: str = "") -> tuple[Any, int]:
+    """The eval dataset of this process and the number of examples in the whole split
+    (by default the main dataset's eval split)."""
+    builder = builder or exp.builder
+    split = split or datasets.eval_split(builder, exp.config)
     local_batch = (exp.config.eval_batch_size or exp.config.batch_size) // jax.process_count()
-    ds = input_pipeline.eval_dataset(exp.builder, exp.config, split, local_batch=local_batch)
-    return ds, exp.builder.info.splits[split].num_examples
+    ds = input_pipeline.eval_dataset(builder, exp.config, split, local_batch=local_batch)
+    return ds, builder.info.splits[split].num_examples
+
+
+def _eval_sets(exp: Experiment) -> list[tuple[str, tuple[Any, int]]]:
+    """(metric prefix, eval data) of the main eval split and of every extra eval dataset."""
+    sets = [("eval", _eval_data(exp))]
+    for prefix, builder in exp.extra_eval.items():
+        sets.append((prefix, _eval_data(exp, builder, datasets.default_eval_split(builder))))
+    return sets
+
+
+def _run_evals(exp: Experiment, eval_fn, state, eval_sets) -> dict[str, float]:
+    metrics: dict[str, float] = {}
+    for prefix, eval_data in eval_sets:
+        metrics.update(run_eval(exp, eval_fn, state, eval_data, prefix))
+    return metrics
 
 
 def _format_seconds(seconds: float) -> str:
@@ -245,7 +274,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             exp.builder, config, local_batch=local_batch, start_step=step, skipped=skipped_images
         )
     )
-    eval_ds = _eval_data(exp)
+    eval_ds = _eval_sets(exp)
 
     with preemption.Guard() as guard:
         try:
@@ -295,7 +324,7 @@ def _train_loop(
             _log_train(writer, exp, step, interval, rate, skipped)
             interval = []
         if eval_now:
-            eval_metrics = run_eval(exp, eval_fn, state, eval_ds)
+            eval_metrics = _run_evals(exp, eval_fn, state, eval_ds)
             writer.write_scalars(step, eval_metrics)
             logging.info("eval at step %d: %s", step, _fmt(eval_metrics))
         if save_now:
@@ -345,7 +374,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float
         )
     _prepare_workdir(config, workdir)
     _, eval_fn = compile_steps(exp)
-    metrics = run_eval(exp, eval_fn, state, _eval_data(exp))
+    metrics = _run_evals(exp, eval_fn, state, _eval_sets(exp))
     writer = create_writer(workdir)
     writer.write_scalars(step, metrics)
     writer.flush()

@@ -25,13 +25,14 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from convmixer_jax.data import augment
-from convmixer_jax.data.datasets import DataError
+from convmixer_jax.data.datasets import DataError, label_feature
 
 AUTOTUNE = tf.data.AUTOTUNE
 
 
 class ProcessSplit(NamedTuple):
-    records: tf.data.Dataset  # (encoded image, label, name) triples of this process's share
+    # (encoded image, label, name[, ReaL label ids]) records of this process's share
+    records: tf.data.Dataset
     num_examples: int  # in this process's share
     max_examples: int  # in the largest share of any process
     offset: int = 0  # local example i is example offset + i * stride of the whole split
@@ -40,21 +41,37 @@ class ProcessSplit(NamedTuple):
 
 # Features that name an example's source file (ImageFolder, imagenet2012).
 _NAME_FEATURES = ("image/filename", "file_name")
+# imagenet2012_real's multi-label feature: the set of classes judged correct for the image.
+REAL_FEATURE = "real_label"
 _BAD_IMAGE = "undecodable image"
 
 
+def real_label_classes(builder) -> int | None:
+    """The class count of the builder's ReaL label sets, or None if it has none."""
+    features = builder.info.features
+    return features[REAL_FEATURE].feature.num_classes if REAL_FEATURE in features.keys() else None
+
+
 def _records(builder, split: str) -> tf.data.Dataset:
-    """(encoded image, label, file name or '') triples, in the split's stored order."""
+    """(encoded image, label, file name or ''[, ReaL label ids]), in the split's stored order."""
     ds = builder.as_dataset(
         split=split, shuffle_files=False, decoders={"image": tfds.decode.SkipDecoding()}
     )
-    names = [f for f in _NAME_FEATURES if f in builder.info.features.keys()]
+    keys = builder.info.features.keys()
+    names = [f for f in _NAME_FEATURES if f in keys]
+    label = label_feature(builder)
+    real = REAL_FEATURE in keys
 
     def record(ex):
         name = ex[names[0]] if names else tf.constant("")
-        return ex["image"], tf.cast(ex["label"], tf.int32), name
+        rec = (ex["image"], tf.cast(ex[label], tf.int32), name)
+        return (*rec, tf.cast(ex[REAL_FEATURE], tf.int32)) if real else rec
 
     return ds.map(record)
+
+
+def _is_jpeg(encoded: tf.Tensor) -> tf.Tensor:
+    return tf.strings.substr(encoded, 0, 3) == b"\xff\xd8\xff"
 
 
 def looks_like_image(encoded: tf.Tensor) -> tf.Tensor:
@@ -68,7 +85,7 @@ def looks_like_image(encoded: tf.Tensor) -> tf.Tensor:
     tail = tf.io.decode_raw(tf.strings.substr(encoded, tf.maximum(size - 64, 0), 64), tf.uint8)
     jpeg_end = tf.reduce_any((tail[:-1] == 0xFF) & (tail[1:] == 0xD9))
     png_end = tf.strings.substr(encoded, tf.maximum(size - 8, 0), 8) == b"IEND\xaeB`\x82"
-    jpeg = (tf.strings.substr(head, 0, 3) == b"\xff\xd8\xff") & jpeg_end
+    jpeg = _is_jpeg(encoded) & jpeg_end
     png = (head == b"\x89PNG\r\n\x1a\n") & png_end
     other = (tf.strings.substr(head, 0, 4) == b"GIF8") | (tf.strings.substr(head, 0, 2) == b"BM")
     return jpeg | png | other
@@ -77,12 +94,12 @@ def looks_like_image(encoded: tf.Tensor) -> tf.Tensor:
 def _guard_images(ds: tf.data.Dataset, config, skipped: tf.Variable | None, record_of):
     """Drops (and counts in `skipped`, and prints) bad images, or fails naming the file.
 
-    `record_of(element)` returns the element's (encoded, label, name) record.
+    `record_of(element)` returns the element's (encoded, label, name, ...) record.
     """
     if config.bad_images == "error":
 
         def check(*element):
-            encoded, _, name = record_of(*element)
+            encoded, _, name = record_of(*element)[:3]
             ok = looks_like_image(encoded)
             with tf.control_dependencies([tf.debugging.Assert(ok, [_BAD_IMAGE, name])]):
                 return tf.nest.map_structure(tf.identity, element)
@@ -90,7 +107,7 @@ def _guard_images(ds: tf.data.Dataset, config, skipped: tf.Variable | None, reco
         return ds.map(check)
 
     def keep(*element):
-        encoded, _, name = record_of(*element)
+        encoded, _, name = record_of(*element)[:3]
 
         def drop():
             ops = [tf.print("WARNING: skipping", _BAD_IMAGE, name, output_stream=sys.stderr)]
@@ -150,15 +167,72 @@ def _decode(encoded: tf.Tensor) -> tf.Tensor:
 
 
 def _resize(image: tf.Tensor, size: int, method: str, key: tf.Tensor) -> tf.Tensor:
-    """Resizes to size x size; method 'random' picks bilinear or bicubic per image (as timm)."""
+    """Resizes to size x size; method 'random' picks bilinear or bicubic per image (as timm).
+
+    Antialiased when shrinking, as PIL's resize (timm's) is: TensorFlow's antialiased kernels
+    widen with the scale factor and match PIL's to ~0.003 grey levels. When enlarging they
+    equal the plain kernels (to ~0.2 grey levels), which are faster, so those are used there.
+    """
+
+    def resize(method: str) -> tf.Tensor:
+        shrink = tf.reduce_any(tf.shape(image)[:2] > size)
+        return tf.cond(
+            shrink,
+            lambda: tf.image.resize(image, [size, size], method=method, antialias=True),
+            lambda: tf.image.resize(image, [size, size], method=method),
+        )
+
     if method != "random":
-        return tf.image.resize(image, [size, size], method=method)
+        return resize(method)
     bicubic = tf.random.stateless_uniform([], key) < 0.5
-    return tf.cond(
-        bicubic,
-        lambda: tf.image.resize(image, [size, size], method="bicubic"),
-        lambda: tf.image.resize(image, [size, size], method="bilinear"),
+    return tf.cond(bicubic, lambda: resize("bicubic"), lambda: resize("bilinear"))
+
+
+# Columns decoded on either side of a JPEG crop window and then dropped (one 16-pixel MCU of
+# 4:2:0 / 4:2:2 JPEGs). libjpeg upsamples subsampled chroma at the edges of a cropped decode
+# without the neighbouring samples, which changes the outermost columns; with this margin the
+# kept pixels equal a full decode's.
+_JPEG_CROP_MARGIN = 16
+
+
+def crop_window(shape: tf.Tensor, key: tf.Tensor, config: ml_collections.ConfigDict):
+    """The random resized crop's (begin, size) for an image of `shape` (timm's area/ratio)."""
+    begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+        shape,
+        bounding_boxes=tf.zeros([1, 0, 4]),
+        seed=key,
+        min_object_covered=0.0,
+        aspect_ratio_range=(config.crop_aspect_min, config.crop_aspect_max),
+        area_range=(config.crop_area_min, 1.0),
+        max_attempts=10,
+        use_image_if_no_bounding_boxes=True,
     )
+    return begin, size
+
+
+def random_crop(encoded: tf.Tensor, key: tf.Tensor, config: ml_collections.ConfigDict):
+    """Decodes the random resized crop of an encoded image, uint8 (h, w, 3).
+
+    A JPEG's window comes from its header and only that window is decoded (about half the
+    decoding time for small crops: entropy decoding still reads the rows above it); other
+    formats are decoded whole and sliced. Both give the same pixels for the same key.
+    """
+
+    def jpeg():
+        shape = tf.image.extract_jpeg_shape(encoded)
+        begin, size = crop_window(shape, key, config)
+        left = tf.maximum(begin[1] - _JPEG_CROP_MARGIN, 0)
+        right = tf.minimum(begin[1] + size[1] + _JPEG_CROP_MARGIN, shape[1])
+        window = tf.stack([begin[0], left, size[0], right - left])
+        image = tf.image.decode_and_crop_jpeg(encoded, window, channels=3)
+        return image[:, begin[1] - left : begin[1] - left + size[1]]
+
+    def other():
+        image = _decode(encoded)
+        begin, size = crop_window(tf.shape(image), key, config)
+        return tf.slice(image, begin, size)
+
+    return tf.cond(_is_jpeg(encoded), jpeg, other)
 
 
 def train_preprocess(
@@ -172,18 +246,7 @@ def train_preprocess(
     crop_key, flip_key, resize_key, augment_key, erase_key = tf.unstack(
         tf.random.experimental.stateless_split(key, 5)
     )
-    image = _decode(encoded)
-    begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
-        tf.shape(image),
-        bounding_boxes=tf.zeros([1, 0, 4]),
-        seed=crop_key,
-        min_object_covered=0.0,
-        aspect_ratio_range=(config.crop_aspect_min, config.crop_aspect_max),
-        area_range=(config.crop_area_min, 1.0),
-        max_attempts=10,
-        use_image_if_no_bounding_boxes=True,
-    )
-    image = tf.slice(image, begin, size)
+    image = random_crop(encoded, crop_key, config)
     image = _resize(image, config.image_size, config.train_interpolation, resize_key)
     if config.horizontal_flip:
         image = tf.image.stateless_random_flip_left_right(image, flip_key)
@@ -279,25 +342,33 @@ def train_batches(
 def eval_dataset(
     builder, config: ml_collections.ConfigDict, split: str, *, local_batch: int
 ) -> tf.data.Dataset:
-    """Padded batches {'image','label','mask'} of this process's share.
+    """Padded batches {'image','label','mask'[,'real']} of this process's share.
 
-    Every process yields the same number of batches; padding examples have mask 0.
+    Every process yields the same number of batches; padding examples have mask 0. Datasets
+    with ReaL labels (imagenet2012_real) add 'real', each image's label set as a multi-hot
+    bool vector (all False for padding and for images whose set is empty).
     """
     share = process_split(builder, split, drop_remainder=False)
     num_batches = math.ceil(share.max_examples / local_batch)
     size = config.image_size
+    real_classes = real_label_classes(builder)
 
-    def preprocess(encoded, label, name):
+    def preprocess(encoded, label, name, *real):
         image = eval_preprocess(encoded, config)
-        return {"image": image, "label": label, "mask": tf.constant(1, tf.int32)}
+        example = {"image": image, "label": label, "mask": tf.constant(1, tf.int32)}
+        if real:
+            counts = tf.math.bincount(real[0], minlength=real_classes, maxlength=real_classes)
+            example["real"] = counts > 0
+        return example
 
-    padding = tf.data.Dataset.from_tensors(
-        {
-            "image": tf.zeros([size, size, 3], tf.float32),
-            "label": tf.constant(0, tf.int32),
-            "mask": tf.constant(0, tf.int32),
-        }
-    ).repeat()
+    pad = {
+        "image": tf.zeros([size, size, 3], tf.float32),
+        "label": tf.constant(0, tf.int32),
+        "mask": tf.constant(0, tf.int32),
+    }
+    if real_classes:
+        pad["real"] = tf.zeros([real_classes], tf.bool)
+    padding = tf.data.Dataset.from_tensors(pad).repeat()
     records = _guard_images(share.records, config, None, lambda *rec: rec)
     ds = _finish_decoding(records.map(preprocess, num_parallel_calls=AUTOTUNE), config)
     if config.cache_data:

@@ -1,10 +1,13 @@
-"""Prepares a TFDS dataset that needs manually downloaded files, e.g. ImageNet.
+"""Prepares a TFDS dataset, e.g. ImageNet from its manually downloaded files.
 
     python -m convmixer_jax.data.prepare imagenet2012 --manual_dir M --data_dir D
+    python -m convmixer_jax.data.prepare imagenet2012_real --manual_dir M --data_dir D
+    python -m convmixer_jax.data.prepare imagenet_v2/matched-frequency --data_dir D
 
-M holds ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar (from image-net.org); D receives the
-prepared TFDS dataset (local or gs://). This runs TFDS's own builder; `tfds build` would do the
-same but needs apache_beam installed.
+M holds ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar (from image-net.org; ReaL needs only
+the latter, and downloads its labels); D receives the prepared TFDS dataset (local or gs://).
+Datasets without manual files (ImageNet-V2) are downloaded. This runs TFDS's own builder;
+`tfds build` would do the same but needs apache_beam installed.
 """
 
 from __future__ import annotations
@@ -17,19 +20,23 @@ from absl import app, flags
 FLAGS = flags.FLAGS
 flags.DEFINE_string("manual_dir", None, "Directory with the manually downloaded files.")
 flags.DEFINE_string("data_dir", None, "TFDS data directory to prepare into.")
-flags.mark_flags_as_required(["manual_dir", "data_dir"])
+flags.mark_flags_as_required(["data_dir"])
 
 # Files each dataset needs in manual_dir.
 MANUAL_FILES = {
     "imagenet2012": ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar"),
+    "imagenet2012_real": ("ILSVRC2012_img_val.tar",),
 }
 
 
-def prepare(name: str, manual_dir: str, data_dir: str):
+def prepare(name: str, manual_dir: str | None, data_dir: str):
     """Builds `name` from the files in `manual_dir` into `data_dir`; returns the builder."""
     import tensorflow_datasets as tfds
 
-    missing = [f for f in MANUAL_FILES.get(name, ()) if not os.path.exists(f"{manual_dir}/{f}")]
+    needed = MANUAL_FILES.get(name.split(":")[0], ())
+    if needed and not manual_dir:
+        raise FileNotFoundError(f"{name} needs {', '.join(needed)}: pass --manual_dir")
+    missing = [f for f in needed if not os.path.exists(f"{manual_dir}/{f}")]
     if missing:
         raise FileNotFoundError(
             f"{', '.join(missing)} not found in {manual_dir!r}; download them from image-net.org "
@@ -44,7 +51,7 @@ def prepare(name: str, manual_dir: str, data_dir: str):
 
 def main(argv: list[str]) -> None:
     if len(argv) != 2:
-        raise app.UsageError("usage: python -m convmixer_jax.data.prepare NAME --manual_dir M "
+        raise app.UsageError("usage: python -m convmixer_jax.data.prepare NAME [--manual_dir M] "
                              "--data_dir D")  # fmt: skip
     import tensorflow as tf
 
