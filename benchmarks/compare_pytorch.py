@@ -307,7 +307,7 @@ def main(argv: list[str] | None = None) -> dict:
         help="JAX model.scan (default: the config's)",
     )  # fmt: skip
     parser.add_argument(
-        "--malloc", default="keep", choices=("keep", "default"),
+        "--malloc", default="default", choices=("keep", "default"),
         help="keep: glibc keeps freed memory for reuse (see keep_freed_memory); default: as is",
     )  # fmt: skip
     parser.add_argument("--compile", action="store_true", help="also time torch.compile")

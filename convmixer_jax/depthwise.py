@@ -26,10 +26,10 @@ from jax import lax
 IMPLS = ("xla", "shift")
 
 # impl='auto' by jax.default_backend(). CPU timings, float32 128x16x16x256, k=5, jax 0.10.2, 2-core
-# AMD EPYC VM shared with other jobs (load average ~3.5), median of 5, jit, warm-up excluded:
+# AMD EPYC VM, median of 5, jit, warm-up excluded (fwd+bwd: output and both gradients):
 #   python benchmarks/depthwise.py --shape 128 16 16 256 --k 5 --repeats 5
-#   xla:   fwd 761 ms, fwd+bwd 6476 ms
-#   shift: fwd  49 ms, fwd+bwd  177 ms  (other runs under heavier load: 76-100 / 263-422 ms)
+#   xla:   fwd 927 ms, fwd+bwd 7408 ms
+#   shift: fwd  76 ms, fwd+bwd  184 ms
 _AUTO = {
     "cpu": "shift",
     # Auto on accelerators uses XLA's conv until measured otherwise.

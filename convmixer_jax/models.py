@@ -10,20 +10,14 @@ converted PyTorch weights give the same logits.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from convmixer_jax.actnorm import ACTIVATIONS, act_batch_norm, activate
 from convmixer_jax.depthwise import depthwise_conv
-
-ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "gelu": functools.partial(jax.nn.gelu, approximate=False),
-    "relu": jax.nn.relu,
-}
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -103,7 +97,8 @@ class GroupBatchNorm(nnx.BatchNorm):
     With `group_size` > 0 each run of `group_size` consecutive images of the batch is normalised
     with its own mean and (biased) variance, as one GPU's batch is with unsynced BatchNorm; the
     running statistics move towards the mean over groups of those. 0: the whole batch (sync-BN).
-    Channels-last inputs only.
+    Channels-last inputs only. `activated(y, act, train)` is self(act(y)) with the activation
+    folded into the normalisation's hand-written backward pass (`convmixer_jax.actnorm`).
     """
 
     def __init__(self, num_features: int, *, group_size: int = 0, **kwargs):
@@ -113,25 +108,24 @@ class GroupBatchNorm(nnx.BatchNorm):
     def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
         if use_running_average is None:
             use_running_average = self.use_running_average
-        if not self.group_size or use_running_average:
-            return super().__call__(x, use_running_average)
-        batch = x.shape[0]
-        if batch % self.group_size:
-            raise ValueError(
-                f"bn_group_size {self.group_size} does not divide the batch of {batch} images"
-            )
-        x, scale, bias = self.promote_dtype((x, self.scale[...], self.bias[...]), dtype=self.dtype)
-        groups = x.reshape(batch // self.group_size, self.group_size, *x.shape[1:])
-        stats = groups.astype(jnp.promote_types(groups.dtype, jnp.float32))
-        axes = tuple(range(1, groups.ndim - 1))  # per group: images and pixels
-        mean = stats.mean(axes, keepdims=True)
-        var = jnp.maximum(0.0, jnp.square(stats).mean(axes, keepdims=True) - jnp.square(mean))
+        return self.activated(x, "identity", train=not use_running_average)
+
+    def activated(self, y: jax.Array, activation: str, train: bool) -> jax.Array:
+        if not train:
+            return super().__call__(activate(y, activation), use_running_average=True)
+        batch = y.shape[0]
+        group = self.group_size or batch
+        if batch % group:
+            raise ValueError(f"bn_group_size {group} does not divide the batch of {batch} images")
+        groups = y.astype(self.dtype or y.dtype).reshape(batch // group, group, *y.shape[1:])
+        out, mean, var = act_batch_norm(
+            groups, self.scale[...], self.bias[...], activation, self.epsilon
+        )
         over_groups = tuple(range(groups.ndim - 1))
         for running, value in ((self.mean, mean), (self.var, var)):
             update = self.momentum * running[...] + (1 - self.momentum) * value.mean(over_groups)
             running[...] = jax.lax.stop_gradient(update)
-        y = (groups - mean) * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias
-        return y.reshape(x.shape).astype(self.dtype or x.dtype)
+        return out.reshape(y.shape)
 
 
 def _batch_norm(width: int, dtype, rngs: nnx.Rngs, group_size: int = 0) -> GroupBatchNorm:
@@ -187,9 +181,8 @@ class MixerBlock(nnx.Module):
         self.activation = activation
 
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        act = ACTIVATIONS[self.activation]
-        x = x + self.norm1(act(self.depthwise(x)), use_running_average=not train)
-        return self.norm2(act(self.pointwise(x)), use_running_average=not train)
+        x = x + self.norm1.activated(self.depthwise(x), self.activation, train)
+        return self.norm2.activated(self.pointwise(x), self.activation, train)
 
 
 REMAT_POLICIES = {
@@ -297,8 +290,7 @@ class ConvMixer(nnx.Module):
                 f"image size {height}x{width} is not divisible by patch size {self.patch_size}; "
                 "use an image_size that is a multiple of it"
             )
-        x = ACTIVATIONS[self.activation](self.stem(images.astype(self.dtype)))
-        x = self.stem_norm(x, use_running_average=not train)
+        x = self.stem_norm.activated(self.stem(images.astype(self.dtype)), self.activation, train)
         x = _run_blocks(self.blocks, x, train, self.scan, self.remat)
         pooled = jnp.mean(x.astype(jnp.float32), axis=(-3, -2))
         return self.head(pooled)
