@@ -42,49 +42,15 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from convmixer_jax import convert, models, train  # noqa: E402
 from convmixer_jax.benchmark import benchmark_model  # noqa: E402
 from convmixer_jax.depthwise import resolve_impl  # noqa: E402
+from tests.torch_convmixer import TimmConvMixer  # noqa: E402
 
 LAYOUTS = ("nchw", "channels_last")
 _JAX_KEYS = ("train_images_per_sec", "infer_images_per_sec", "compile_seconds", "device_kind")
 
 
 # ---------------------------------------------------------------------------------------------
-# The PyTorch model, with timm's module names (so `convert`'s names map onto it)
-
-
-class _Residual(nn.Module):
-    def __init__(self, fn: nn.Module):
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fn(x) + x
-
-
-class TorchConvMixer(nn.Module):
-    """ConvMixer-h/d (conv -> act -> BN everywhere, exact GELU) laid out like timm's."""
-
-    def __init__(self, width: int, depth: int, kernel_size: int, patch_size: int,
-                 num_classes: int, activation: str):  # fmt: skip
-        super().__init__()
-        act = {"gelu": nn.GELU, "relu": nn.ReLU}[activation]
-        h, k = width, kernel_size
-        self.stem = nn.Sequential(
-            nn.Conv2d(3, h, patch_size, stride=patch_size), act(), nn.BatchNorm2d(h)
-        )
-        self.blocks = nn.Sequential(*[
-            nn.Sequential(
-                _Residual(nn.Sequential(
-                    nn.Conv2d(h, h, k, groups=h, padding="same"), act(), nn.BatchNorm2d(h)
-                )),
-                nn.Conv2d(h, h, 1), act(), nn.BatchNorm2d(h),
-            )
-            for _ in range(depth)
-        ])  # fmt: skip
-        self.pooling = nn.AdaptiveAvgPool2d(1)
-        self.head = nn.Linear(h, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.pooling(self.blocks(self.stem(x))).flatten(1))
+# The PyTorch model: the test suite's independent ConvMixer with timm's module names (so
+# `convert`'s names map onto it)
 
 
 def architecture(config: ml_collections.ConfigDict) -> dict:
@@ -101,9 +67,11 @@ def architecture(config: ml_collections.ConfigDict) -> dict:
     }
 
 
-def torch_from_jax(jax_model: models.ConvMixer, **arch) -> TorchConvMixer:
-    """A PyTorch ConvMixer of architecture `arch` holding `jax_model`'s weights and statistics."""
-    model = TorchConvMixer(**arch)
+def torch_from_jax(
+    jax_model: models.ConvMixer, *, width, depth, kernel_size, patch_size, num_classes, activation
+) -> TimmConvMixer:
+    """A PyTorch ConvMixer of this architecture holding `jax_model`'s weights and statistics."""
+    model = TimmConvMixer(width, depth, kernel_size, patch_size, num_classes, activation)
     state = {
         key: torch.from_numpy(convert.to_torch_layout(np.array(variable.get_value())))
         for key, variable in convert.variables(jax_model).items()
@@ -113,7 +81,7 @@ def torch_from_jax(jax_model: models.ConvMixer, **arch) -> TorchConvMixer:
     return model
 
 
-def torch_model(config: ml_collections.ConfigDict) -> TorchConvMixer:
+def torch_model(config: ml_collections.ConfigDict) -> TimmConvMixer:
     """The config's architecture in PyTorch, with the JAX model's initial weights."""
     arch = architecture(config)
     return torch_from_jax(train.build_model(config, arch["num_classes"], config.seed), **arch)
