@@ -11,11 +11,11 @@ Implementations (`impl=`):
 - 'shift': the output as a sum of k*k shifted multiply-adds on the padded input, one fusion over
   the whole batch (so every core works on it; with a loop over batch chunks instead, the
   ConvMixer-256/8 CPU train step ran at 28.7-28.9 img/s against 33.5-34.4), with a hand-written
-  `jax.custom_vjp` backward so
-  autodiff never saves the k*k shifted copies (only x and the kernel are kept). The input gradient
-  is the same shifted sum of the cotangent with the spatially flipped kernel (mirrored padding for
-  even k); the weight gradient, the expensive part, is accumulated over batch chunks in a scan,
-  each chunk as k fused row-tap sums over k column-shifted copies of the chunk.
+  `jax.custom_vjp` backward so autodiff never saves the k*k shifted copies (only x and the kernel
+  are kept). Under differentiation the forward tap sum is stored once rather than recomputed by
+  each of its consumers (`_stored_shifted_sum`). The input gradient is the same shifted sum of the
+  cotangent with the spatially flipped kernel (mirrored padding for even k); the weight gradient,
+  the expensive part, is accumulated over batch chunks in a scan (`_weight_grad_chunk`).
 - 'auto': chosen per backend, see `_AUTO`.
 """
 
@@ -30,8 +30,8 @@ IMPLS = ("xla", "shift")
 # impl='auto' by jax.default_backend(). CPU timings, float32 128x16x16x256, k=5, jax 0.10.2, 2-core
 # AMD EPYC VM, median of 5, jit, warm-up excluded (fwd+bwd: output and both gradients):
 #   python benchmarks/depthwise.py --shape 128 16 16 256 --k 5 --repeats 5
-#   xla:   fwd 927 ms, fwd+bwd 7408 ms
-#   shift: fwd  76 ms, fwd+bwd  184 ms
+#   xla:   fwd 509 ms, fwd+bwd 3980 ms
+#   shift: fwd  48 ms, fwd+bwd  136 ms
 _AUTO = {
     "cpu": "shift",
     # Auto on accelerators uses XLA's conv until measured otherwise.
@@ -41,6 +41,8 @@ _AUTO = {
 
 # Per-step working set of the batch-chunked weight-gradient loop: cache-sized chunks beat one pass.
 _WGRAD_CHUNK_BYTES = 1 << 20
+# Channels from which the tap sum is split in two halves (each half at least 16 float32 lanes).
+_SPLIT_MIN_CHANNELS = 32
 
 
 def _acc_dtype(dtype: jnp.dtype) -> jnp.dtype:
@@ -80,8 +82,8 @@ def _xla(x: jax.Array, kernel: jax.Array) -> jax.Array:
     return out.astype(x.dtype)
 
 
-def _shifted_sum(x: jax.Array, w: jax.Array, pads: tuple[int, int]) -> jax.Array:
-    """sum_{i,j} pad(x)[:, i:i+H, j:j+W, :] * w[i, j]; w is (k, k, C), pads (lo, hi) per axis."""
+def _tap_sum(x: jax.Array, w: jax.Array, pads: tuple[int, int]) -> jax.Array:
+    """sum_{i,j} pad(x)[:, i:i+H, j:j+W, :] * w[i, j] in the accumulation dtype."""
     _, h, wd, _ = x.shape
     k = w.shape[0]
     acc = _acc_dtype(x.dtype)
@@ -93,31 +95,62 @@ def _shifted_sum(x: jax.Array, w: jax.Array, pads: tuple[int, int]) -> jax.Array
         for j in range(k):
             term = xp[:, i : i + h, j : j + wd, :] * w[i, j]
             out = term if out is None else out + term
-    return out.astype(x.dtype)
+    return out
+
+
+def _shifted_sum(x: jax.Array, w: jax.Array, pads: tuple[int, int]) -> jax.Array:
+    """sum_{i,j} pad(x)[:, i:i+H, j:j+W, :] * w[i, j]; w is (k, k, C), pads (lo, hi) per axis."""
+    return _tap_sum(x, w, pads).astype(x.dtype)
+
+
+def _stored_shifted_sum(x: jax.Array, w: jax.Array, pads: tuple[int, int]) -> jax.Array:
+    """`_shifted_sum` as two channel halves joined by a concatenate on the channel axis.
+
+    XLA's CPU backend never fuses a concatenate on the minor axis, so the tap sum is computed
+    once and stored. Left as one fusion, it is recomputed inside every consumer: in a training
+    step four times per ConvMixer block, twice in single-threaded updates of the scan's saved
+    activations. The forward pass under differentiation uses this; inference and the backward
+    pass, whose tap sums have one consumer, skip the extra copy.
+    """
+    c = x.shape[-1]
+    if c < _SPLIT_MIN_CHANNELS:
+        return _shifted_sum(x, w, pads)
+    half = c // 2
+    parts = [
+        _tap_sum(x[..., :half], w[..., :half], pads),
+        _tap_sum(x[..., half:], w[..., half:], pads),
+    ]
+    return jnp.concatenate(parts, axis=-1).astype(x.dtype)
 
 
 def _weight_grad_chunk(x: jax.Array, g: jax.Array, k: int) -> jax.Array:
-    """Partial weight gradient of a chunk, not yet summed over n and w: (k, n, k, W, C).
+    """dw[i, j, c] = sum_{n,h,w} pad(x)[n, h+i, w+j, c] * g[n, h, w, c] for one chunk of images.
 
-    out[i, n, j, w, c] = sum_h pad(x)[n, h+i, w+j, c] * g[n, h, w, c]. The k column shifts of x
-    are materialised (k chunk-sized copies); each row tap i is then one fused elementwise sum over
-    the rows, which XLA's CPU backend runs far faster than k*k reductions over shifted slices (it
-    materialises every slice before reducing it).
+    For each column shift j one shifted copy of the chunk is materialised; each row tap i is then
+    one fused elementwise sum over the H rows, reduced over images and columns. XLA's CPU backend
+    runs this far faster than k*k reductions over shifted slices (it materialises every slice
+    before reducing it) and faster than stacking the k column shifts and summing all k row taps
+    in one fusion, as this did before: `python benchmarks/depthwise.py --shape 8 32 32 768 --k 7
+    --impls shift` fwd+bwd 172-189 ms against 249-266, `--shape 128 16 16 256 --k 5` 130-134
+    against 163-167 (alternated runs, with `_stored_shifted_sum` in both new figures).
     """
     _, h, wd, _ = x.shape
     acc = _acc_dtype(x.dtype)
     lo, hi = _pads(k)
     xp = jnp.pad(x.astype(acc), ((0, 0), (lo, hi), (lo, hi), (0, 0)))
     g = g.astype(acc)
-    cols = jnp.stack([xp[:, :, j : j + wd, :] for j in range(k)], axis=1)  # (n, k, H+k-1, W, C)
-    rows = []
-    for i in range(k):
-        total = None
-        for r in range(h):
-            term = cols[:, :, r + i] * g[:, r, None]
-            total = term if total is None else total + term
-        rows.append(total)
-    return jnp.stack(rows)
+    columns = []
+    for j in range(k):
+        shifted = xp[:, :, j : j + wd, :]
+        taps = []
+        for i in range(k):
+            total = None
+            for r in range(h):
+                term = shifted[:, r + i] * g[:, r]
+                total = term if total is None else total + term
+            taps.append(total.sum(axis=(0, 1)))
+        columns.append(jnp.stack(taps))
+    return jnp.stack(columns, axis=1)
 
 
 def _weight_grad(x: jax.Array, g: jax.Array, k: int) -> jax.Array:
@@ -134,7 +167,7 @@ def _weight_grad(x: jax.Array, g: jax.Array, k: int) -> jax.Array:
         # Images the (moved-back) last chunk shares with the previous one are counted once.
         fresh = start + jnp.arange(chunk) >= step * chunk
         gc = jnp.where(fresh[:, None, None, None], gc, jnp.zeros((), gc.dtype))
-        return total + _weight_grad_chunk(xc, gc, k).sum(axis=(1, 3)), None
+        return total + _weight_grad_chunk(xc, gc, k), None
 
     total, _ = lax.scan(body, jnp.zeros((k, k, c), acc), jnp.arange(steps))
     return total
@@ -146,7 +179,7 @@ def _shift(x: jax.Array, kernel: jax.Array) -> jax.Array:
 
 
 def _shift_fwd(x: jax.Array, kernel: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    return _shift(x, kernel), (x, kernel)
+    return _stored_shifted_sum(x, kernel[:, :, 0, :], _pads(kernel.shape[0])), (x, kernel)
 
 
 def _shift_bwd(res: tuple[jax.Array, jax.Array], g: jax.Array) -> tuple[jax.Array, jax.Array]:

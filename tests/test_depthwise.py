@@ -11,7 +11,8 @@ from convmixer_jax import depthwise
 from convmixer_jax.depthwise import IMPLS, depthwise_conv
 
 # (k, NHWC): odd and even k, k=1, H != W, k larger than the image, batches the chunk of 4 that
-# `chunked` forces does not divide (and one smaller than it).
+# `chunked` forces does not divide (and one smaller than it), channels split in two unequal halves
+# for the forward tap sum (C >= 32, odd).
 CASES = [
     (1, (5, 4, 7, 3)),
     (2, (6, 5, 8, 4)),
@@ -21,6 +22,8 @@ CASES = [
     (7, (6, 8, 9, 3)),
     (7, (2, 4, 5, 2)),
     (9, (5, 10, 12, 3)),
+    (3, (5, 6, 5, 33)),
+    (6, (3, 9, 8, 40)),
 ]
 
 
