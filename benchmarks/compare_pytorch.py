@@ -53,20 +53,6 @@ _JAX_KEYS = ("train_images_per_sec", "infer_images_per_sec", "compile_seconds", 
 # `convert`'s names map onto it)
 
 
-def architecture(config: ml_collections.ConfigDict) -> dict:
-    """width/depth/kernel_size/patch_size/num_classes/activation of the config's model."""
-    m = config.model
-    spec = models.get_spec(m.name)
-    return {
-        "width": m.width or spec.width,
-        "depth": m.depth or spec.depth,
-        "kernel_size": m.kernel_size or spec.kernel_size,
-        "patch_size": m.patch_size or spec.patch_size,
-        "num_classes": m.num_classes or spec.num_classes,
-        "activation": m.activation or spec.activation,
-    }
-
-
 def torch_from_jax(
     jax_model: models.ConvMixer, *, width, depth, kernel_size, patch_size, num_classes, activation
 ) -> TimmConvMixer:
@@ -83,7 +69,7 @@ def torch_from_jax(
 
 def torch_model(config: ml_collections.ConfigDict) -> TimmConvMixer:
     """The config's architecture in PyTorch, with the JAX model's initial weights."""
-    arch = architecture(config)
+    arch = models.config_architecture(config.model)
     return torch_from_jax(train.build_model(config, arch["num_classes"], config.seed), **arch)
 
 
@@ -209,7 +195,7 @@ def compare(
         ratios[f"{kind}_vs"] = {n: ours / r[key] for n, r in torch_results.items()}
     return {
         "model": config.model.name,
-        **architecture(config),
+        **models.config_architecture(config.model),
         "batch_size": config.batch_size,
         "image_size": config.image_size,
         "dtype": config.dtype,

@@ -82,8 +82,8 @@ def benchmark_model(config, *, steps: int, repeats: int, peak_tflops: float = 0.
     from convmixer_jax import models, optim, sharding, train
     from convmixer_jax import steps as steps_lib
 
-    spec = models.get_spec(config.model.name)
-    num_classes = config.model.num_classes or spec.num_classes
+    arch = models.config_architecture(config.model)
+    num_classes = arch["num_classes"]
     mesh = sharding.create_mesh()
     tx = optim.create_optimizer(config, optim.onecycle_schedule(config.learning_rate, 1000))
 
@@ -138,12 +138,8 @@ def benchmark_model(config, *, steps: int, repeats: int, peak_tflops: float = 0.
     train_seconds = _median_seconds(train_once, steps, repeats)
     infer_seconds = _median_seconds(infer_once, steps, repeats)
 
-    m = config.model
     flops = models.forward_flops(
-        width=m.width or spec.width,
-        depth=m.depth or spec.depth,
-        kernel_size=m.kernel_size or spec.kernel_size,
-        patch_size=m.patch_size or spec.patch_size,
+        **{k: arch[k] for k in ("width", "depth", "kernel_size", "patch_size")},
         num_classes=num_classes,
         image_size=size,
     )
@@ -152,11 +148,11 @@ def benchmark_model(config, *, steps: int, repeats: int, peak_tflops: float = 0.
     device_kind = jax.devices()[0].device_kind
     peak = peak_tflops or PEAK_TFLOPS.get(device_kind)
     return {
-        "model": m.name,
+        "model": config.model.name,
         "batch_size": batch_size,
         "image_size": size,
         "dtype": config.dtype,
-        "depthwise_impl": m.depthwise_impl,
+        "depthwise_impl": config.model.depthwise_impl,
         "train_images_per_sec": train_ips,
         "infer_images_per_sec": batch_size / infer_seconds,
         "model_flops_per_image": flops,
@@ -174,8 +170,7 @@ def train_step_memory(config, per_device_batch: int) -> int | None:
     from convmixer_jax import models, optim, train
     from convmixer_jax import steps as steps_lib
 
-    spec = models.get_spec(config.model.name)
-    num_classes = config.model.num_classes or spec.num_classes
+    num_classes = models.config_architecture(config.model)["num_classes"]
     tx = optim.create_optimizer(config, optim.onecycle_schedule(config.learning_rate, 1000))
     config.bn_group_size = 0  # per-group statistics need no more memory; groups may not divide
 

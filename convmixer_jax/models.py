@@ -324,6 +324,17 @@ def count_params(model_or_state) -> int:
     return sum(math.prod(x.shape) for x in jax.tree.leaves(state))
 
 
+ARCHITECTURE_FIELDS = ("width", "depth", "kernel_size", "patch_size", "activation")
+
+
+def config_architecture(model_config) -> dict:
+    """Width, depth, kernel_size, patch_size, activation and num_classes of a config's `model`
+    section: its own value where set, else the registered variant's."""
+    spec = get_spec(model_config.name)
+    fields = (*ARCHITECTURE_FIELDS, "num_classes")
+    return {field: model_config[field] or getattr(spec, field) for field in fields}
+
+
 def create_model(
     name: str,
     *,
@@ -341,13 +352,7 @@ def create_model(
     Example: `create_model('convmixer_768_32', num_classes=10, depth=8)`.
     """
     spec = get_spec(name)
-    fields = {
-        "width": spec.width,
-        "depth": spec.depth,
-        "kernel_size": spec.kernel_size,
-        "patch_size": spec.patch_size,
-        "activation": spec.activation,
-    }
+    fields = {field: getattr(spec, field) for field in ARCHITECTURE_FIELDS}
     unknown = set(overrides) - set(fields)
     if unknown:
         raise ValueError(f"unknown model fields {sorted(unknown)}; valid: {sorted(fields)}")

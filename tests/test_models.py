@@ -64,6 +64,21 @@ def test_overrides_and_input_sizes():
         model(jnp.zeros((1, 30, 30, 3)))
 
 
+def test_config_architecture_fills_unset_fields_from_the_registry():
+    from convmixer_jax import config as config_lib
+
+    c = config_lib.base_config().model
+    c.name, c.depth, c.activation = "convmixer_768_32", 4, "gelu"
+    assert models.config_architecture(c) == {
+        "width": 768,
+        "depth": 4,
+        "kernel_size": 7,
+        "patch_size": 7,
+        "activation": "gelu",
+        "num_classes": 1000,
+    }
+
+
 def test_pytorch_default_init_bounds():
     model = convmixer_jax.create_model("convmixer_tiny", rngs=nnx.Rngs(3))
     k, p, h = 5, 2, 96
