@@ -82,8 +82,8 @@ def _xla(x: jax.Array, kernel: jax.Array) -> jax.Array:
     return out.astype(x.dtype)
 
 
-def _tap_sum(x: jax.Array, w: jax.Array, pads: tuple[int, int]) -> jax.Array:
-    """sum_{i,j} pad(x)[:, i:i+H, j:j+W, :] * w[i, j] in the accumulation dtype."""
+def _shifted_sum(x: jax.Array, w: jax.Array, pads: tuple[int, int]) -> jax.Array:
+    """sum_{i,j} pad(x)[:, i:i+H, j:j+W, :] * w[i, j]; w is (k, k, C), pads (lo, hi) per axis."""
     _, h, wd, _ = x.shape
     k = w.shape[0]
     acc = _acc_dtype(x.dtype)
@@ -95,12 +95,7 @@ def _tap_sum(x: jax.Array, w: jax.Array, pads: tuple[int, int]) -> jax.Array:
         for j in range(k):
             term = xp[:, i : i + h, j : j + wd, :] * w[i, j]
             out = term if out is None else out + term
-    return out
-
-
-def _shifted_sum(x: jax.Array, w: jax.Array, pads: tuple[int, int]) -> jax.Array:
-    """sum_{i,j} pad(x)[:, i:i+H, j:j+W, :] * w[i, j]; w is (k, k, C), pads (lo, hi) per axis."""
-    return _tap_sum(x, w, pads).astype(x.dtype)
+    return out.astype(x.dtype)
 
 
 def _stored_shifted_sum(x: jax.Array, w: jax.Array, pads: tuple[int, int]) -> jax.Array:
@@ -117,10 +112,10 @@ def _stored_shifted_sum(x: jax.Array, w: jax.Array, pads: tuple[int, int]) -> ja
         return _shifted_sum(x, w, pads)
     half = c // 2
     parts = [
-        _tap_sum(x[..., :half], w[..., :half], pads),
-        _tap_sum(x[..., half:], w[..., half:], pads),
+        _shifted_sum(x[..., :half], w[..., :half], pads),
+        _shifted_sum(x[..., half:], w[..., half:], pads),
     ]
-    return jnp.concatenate(parts, axis=-1).astype(x.dtype)
+    return jnp.concatenate(parts, axis=-1)
 
 
 def _weight_grad_chunk(x: jax.Array, g: jax.Array, k: int) -> jax.Array:
