@@ -1,7 +1,8 @@
 """Times the same ConvMixer in PyTorch and in JAX, one after the other in one process.
 
     python benchmarks/compare_pytorch.py --config configs/cifar10.py --batch_size 128 \
-        --image_size 32 [--model NAME] [--dtype float32|bfloat16] [--depthwise_impl auto|xla|shift]
+        --image_size 32 [--model NAME] [--dtype float32|bfloat16]
+        [--depthwise_impl auto|xla|shift|native] [--pointwise_impl auto|xla|native]
         [--remat none|block|dots] [--width W] [--depth D] [--kernel_size K] [--patch_size P]
         [--scan|--no-scan] [--steps N] [--repeats R] [--threads T] [--malloc keep|default]
         [--compile]
@@ -39,7 +40,7 @@ from torch import nn
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from convmixer_jax import convert, models, train  # noqa: E402
+from convmixer_jax import convert, models, pointwise, train  # noqa: E402
 from convmixer_jax.benchmark import benchmark_model  # noqa: E402
 from convmixer_jax.depthwise import resolve_impl  # noqa: E402
 from tests.torch_convmixer import TimmConvMixer  # noqa: E402
@@ -200,6 +201,7 @@ def compare(
         "image_size": config.image_size,
         "dtype": config.dtype,
         "depthwise_impl": resolve_impl(jax_result["depthwise_impl"]),
+        "pointwise_impl": _pointwise_impl(config),
         "remat": config.model.remat,
         "scan": config.model.scan,
         "torch_version": torch.__version__,
@@ -210,6 +212,13 @@ def compare(
         "pytorch_skipped": skipped,
         "ratios": ratios,
     }
+
+
+def _pointwise_impl(config: ml_collections.ConfigDict) -> str:
+    """The pointwise implementation the JAX model ran (ConvMixer keeps 'xla' under remat 'dots')."""
+    if config.model.remat == "dots":
+        return "xla"
+    return pointwise.resolve_impl(config.model.pointwise_impl, jax.numpy.dtype(config.dtype))
 
 
 def _table(result: dict) -> str:
@@ -248,7 +257,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch_size", type=int, default=0, help="0: the config's")
     parser.add_argument("--image_size", type=int, default=0, help="0: the config's")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    parser.add_argument("--depthwise_impl", default="", help="auto, xla or shift ('': config's)")
+    parser.add_argument(
+        "--depthwise_impl", default="", help="auto, xla, shift or native ('': config's)"
+    )
+    parser.add_argument("--pointwise_impl", default="", help="auto, xla or native ('': config's)")
     parser.add_argument(
         "--remat", default="none", help="JAX model.remat (default none: PyTorch eager keeps "
         "every activation, so this compares the same work; '': the config's)",
@@ -280,6 +292,8 @@ def main(argv: list[str] | None = None) -> dict:
             config.model[key] = getattr(args, key)
     if args.depthwise_impl:
         config.model.depthwise_impl = args.depthwise_impl
+    if args.pointwise_impl:
+        config.model.pointwise_impl = args.pointwise_impl
     if args.remat:
         config.model.remat = args.remat
     if args.scan is not None:
@@ -296,7 +310,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(
         f"{result['model']} (h{result['width']} d{result['depth']} k{result['kernel_size']} "
         f"p{result['patch_size']}), {result['image_size']} px, batch {result['batch_size']}, "
-        f"{result['dtype']}, JAX depthwise {result['depthwise_impl']}, remat {result['remat']}, "
+        f"{result['dtype']}, JAX depthwise {result['depthwise_impl']}, "
+        f"pointwise {result['pointwise_impl']}, remat {result['remat']}, "
         f"scan {result['scan']}, malloc {result['malloc']}, torch threads "
         f"{result['torch_threads']}, load {result['load_average_before']} -> "
         f"{result['load_average_after']}"

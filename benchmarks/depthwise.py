@@ -12,27 +12,21 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+from convmixer_jax.benchmark import median_seconds  # noqa: E402
 from convmixer_jax.depthwise import IMPLS, depthwise_conv  # noqa: E402
 
 
 def _time(fn, *args, repeats: int) -> float:
     """Median seconds per call of a jitted fn after one warm-up call."""
     jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return median_seconds(lambda: fn(*args), 1, repeats)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -53,7 +53,7 @@ PEAK_TFLOPS = {
 }
 
 
-def _median_seconds(fn, steps: int, repeats: int) -> float:
+def median_seconds(fn, steps: int, repeats: int) -> float:
     """Median over `repeats` of the wall time of `steps` calls of fn (outputs blocked on)."""
     times = []
     for _ in range(repeats):
@@ -135,8 +135,8 @@ def benchmark_model(config, *, steps: int, repeats: int, peak_tflops: float = 0.
 
     for fn in (train_once, infer_once):  # warm-up
         jax.block_until_ready(fn())
-    train_seconds = _median_seconds(train_once, steps, repeats)
-    infer_seconds = _median_seconds(infer_once, steps, repeats)
+    train_seconds = median_seconds(train_once, steps, repeats)
+    infer_seconds = median_seconds(infer_once, steps, repeats)
 
     flops = models.forward_flops(
         **{k: arch[k] for k in ("width", "depth", "kernel_size", "patch_size")},
@@ -153,6 +153,7 @@ def benchmark_model(config, *, steps: int, repeats: int, peak_tflops: float = 0.
         "image_size": size,
         "dtype": config.dtype,
         "depthwise_impl": config.model.depthwise_impl,
+        "pointwise_impl": config.model.pointwise_impl,
         "train_images_per_sec": train_ips,
         "infer_images_per_sec": batch_size / infer_seconds,
         "model_flops_per_image": flops,
@@ -245,7 +246,7 @@ def benchmark_data(config, *, num_images: int, steps: int, repeats: int) -> dict
     def one_batch():
         return next(batches)["image"]
 
-    seconds = _median_seconds(lambda: one_batch().numpy(), steps, repeats)
+    seconds = median_seconds(lambda: one_batch().numpy(), steps, repeats)
     cores = len(os.sched_getaffinity(0))
     ips = config.batch_size / seconds
     return {

@@ -10,7 +10,7 @@ import re
 
 import ml_collections
 
-from convmixer_jax import models
+from convmixer_jax import models, pointwise
 from convmixer_jax.data.augment import parse_randaugment
 from convmixer_jax.depthwise import IMPLS
 
@@ -43,7 +43,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.patch_size = 0
     c.model.activation = ""  # '': the registered value; else 'gelu' or 'relu'.
     c.model.num_classes = 0  # 0: taken from the dataset.
-    c.model.depthwise_impl = "auto"  # 'auto' (fastest measured per backend), 'xla', 'shift'.
+    # 'auto' (fastest measured per backend), 'xla', 'shift', 'native' (CPU kernels).
+    c.model.depthwise_impl = "auto"
+    c.model.pointwise_impl = "auto"  # 'auto' (CPU float32: 'native'), 'xla', 'native'.
     c.model.scan = True  # run the mixer blocks as one lax.scan (flat compile time).
     c.model.remat = "none"  # recompute activations in backward: 'none', 'block' or 'dots'.
 
@@ -177,6 +179,16 @@ def validate(c: ml_collections.ConfigDict, device_count: int) -> None:
     _require(
         c.model.depthwise_impl in ("auto", *IMPLS),
         f"model.depthwise_impl: {c.model.depthwise_impl!r} is unknown; use auto or one of {IMPLS}",
+    )
+    _require(
+        c.model.pointwise_impl in ("auto", *pointwise.IMPLS),
+        f"model.pointwise_impl: {c.model.pointwise_impl!r} is unknown; "
+        f"use auto or one of {pointwise.IMPLS}",
+    )
+    _require(
+        not (c.model.remat == "dots" and c.model.pointwise_impl == "native"),
+        "model.pointwise_impl: 'native' products are invisible to remat 'dots'; "
+        "use model.remat='block' or pointwise_impl 'auto'",
     )
     act = c.model.activation
     _require(

@@ -16,6 +16,10 @@ Implementations (`impl=`):
   each of its consumers (`_stored_shifted_sum`). The input gradient is the same shifted sum of the
   cotangent with the spatially flipped kernel (mirrored padding for even k); the weight gradient,
   the expensive part, is accumulated over batch chunks in a scan (`_weight_grad_chunk`).
+- 'native': hand-written CPU kernels (`csrc/depthwise_cpu.cc`, XLA FFI custom calls built on first
+  use by `native.py`) for the forward pass, the input gradient (the forward kernel on the cotangent
+  with the flipped kernel) and the weight gradient, each one pass over 32-channel tiles of one
+  image in cache, on XLA's CPU thread pool; float32 inside (other dtypes are cast around it).
 - 'auto': chosen per backend, see `_AUTO`.
 """
 
@@ -23,17 +27,25 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
-IMPLS = ("xla", "shift")
+from convmixer_jax import native
 
-# impl='auto' by jax.default_backend(). CPU timings, float32 128x16x16x256, k=5, jax 0.10.2, 2-core
-# AMD EPYC VM, median of 5, jit, warm-up excluded (fwd+bwd: output and both gradients):
+IMPLS = ("xla", "shift", "native")
+
+# impl='auto' by jax.default_backend(). CPU timings, float32, jax 0.10.2, 2-core AMD EPYC VM,
+# median of 5, jit, warm-up excluded (fwd+bwd: output and both gradients):
 #   python benchmarks/depthwise.py --shape 128 16 16 256 --k 5 --repeats 5
-#   xla:   fwd 509 ms, fwd+bwd 3980 ms
-#   shift: fwd  48 ms, fwd+bwd  136 ms
+#   xla:    fwd 548 ms, fwd+bwd 6450 ms
+#   shift:  fwd  68 ms, fwd+bwd  213 ms
+#   native: fwd  33 ms, fwd+bwd   79 ms
+#   python benchmarks/depthwise.py --shape 8 32 32 768 --k 7 --repeats 5 --impls shift native
+#   shift:  fwd  74 ms, fwd+bwd  256 ms
+#   native: fwd  27 ms, fwd+bwd   79 ms
+# 'native' needs a C++ compiler and one device (see resolve_impl); 'shift' is the CPU fallback.
 _AUTO = {
-    "cpu": "shift",
+    "cpu": "native",
     # Auto on accelerators uses XLA's conv until measured otherwise.
     "gpu": "xla",
     "tpu": "xla",
@@ -191,6 +203,42 @@ def _shift_bwd(res: tuple[jax.Array, jax.Array], g: jax.Array) -> tuple[jax.Arra
 _shift.defvjp(_shift_fwd, _shift_bwd)
 
 
+def _native_forward(x: jax.Array, w: jax.Array, pad_lo: int) -> jax.Array:
+    out = jax.ShapeDtypeStruct(x.shape, jnp.float32)
+    call = jax.ffi.ffi_call(native.FORWARD, out, vmap_method="sequential")
+    return call(x.astype(jnp.float32), w.astype(jnp.float32), pad_lo=np.int64(pad_lo))
+
+
+def _native_weight_grad(x: jax.Array, g: jax.Array, k: int, pad_lo: int) -> jax.Array:
+    out = jax.ShapeDtypeStruct((k, k, x.shape[-1]), jnp.float32)
+    call = jax.ffi.ffi_call(native.WEIGHT_GRAD, out, vmap_method="sequential")
+    return call(x.astype(jnp.float32), g.astype(jnp.float32), pad_lo=np.int64(pad_lo))
+
+
+@jax.custom_vjp
+def _native(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    k = kernel.shape[0]
+    w = kernel[:, :, 0, :].astype(x.dtype)
+    return _native_forward(x, w, _pads(k)[0]).astype(x.dtype)
+
+
+def _native_fwd(x: jax.Array, kernel: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    return _native(x, kernel), (x, kernel)
+
+
+def _native_bwd(res: tuple[jax.Array, jax.Array], g: jax.Array) -> tuple[jax.Array, jax.Array]:
+    x, kernel = res
+    k = kernel.shape[0]
+    lo, hi = _pads(k)
+    g = g.astype(x.dtype)
+    dx = _native_forward(g, kernel[::-1, ::-1, 0, :].astype(x.dtype), hi).astype(x.dtype)
+    dw = _native_weight_grad(x, g, k, lo)
+    return dx, dw[:, :, None, :].astype(kernel.dtype)
+
+
+_native.defvjp(_native_fwd, _native_bwd)
+
+
 def _check(x: jax.Array, kernel: jax.Array) -> None:
     k = kernel.shape[0]
     if x.ndim != 4 or kernel.shape != (k, k, 1, x.shape[-1]):
@@ -200,9 +248,17 @@ def _check(x: jax.Array, kernel: jax.Array) -> None:
 
 
 def resolve_impl(impl: str) -> str:
-    """The concrete implementation `impl` names ('auto' resolved for the default backend)."""
+    """The concrete implementation `impl` names ('auto' resolved for the default backend).
+
+    On CPU 'auto' falls back to 'shift' where the native kernels cannot be built, and with more
+    than one device: XLA's SPMD partitioner does not split a custom call, so on a sharded batch
+    every device would run the native kernel on the whole batch.
+    """
     if impl == "auto":
-        return _AUTO.get(jax.default_backend(), "xla")
+        choice = _AUTO.get(jax.default_backend(), "xla")
+        if choice == "native" and (jax.device_count() > 1 or not native.available()):
+            return "shift"
+        return choice
     if impl not in IMPLS:
         raise ValueError(f"unknown depthwise impl {impl!r}; choose one of auto, {', '.join(IMPLS)}")
     return impl
@@ -217,4 +273,7 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, *, impl: str = "auto") -> ja
     _check(x, kernel)
     if impl == "xla":
         return _xla(x, kernel)
+    if impl == "native":
+        native.load()
+        return _native(x, kernel)
     return _shift(x, kernel)

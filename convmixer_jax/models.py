@@ -18,6 +18,7 @@ from flax import nnx
 
 from convmixer_jax.actnorm import ACTIVATIONS, act_batch_norm, activate
 from convmixer_jax.depthwise import depthwise_conv
+from convmixer_jax.pointwise import pointwise
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -152,17 +153,18 @@ class DepthwiseConv(nnx.Module):
 
 
 class PointwiseConv(nnx.Module):
-    """1x1 conv as a matrix product over channels (so remat's dot policies see it), with bias;
-    kernel (1, 1, C, C) as in an nnx.Conv."""
+    """1x1 conv as a matrix product over channels (`pointwise.pointwise`; with impl 'xla' remat's
+    dot policies see it), with bias; kernel (1, 1, C, C) as in an nnx.Conv."""
 
-    def __init__(self, width: int, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, width: int, *, dtype, impl: str, rngs: nnx.Rngs):
         self.kernel = nnx.Param(_torch_kernel_init(rngs.params(), (1, 1, width, width)))
         self.bias = nnx.Param(_torch_uniform(width)(rngs.params(), (width,)))
         self.dtype = dtype
+        self.impl = impl
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dtype = self.dtype or x.dtype
-        y = jnp.einsum("...c,cd->...d", x.astype(dtype), self.kernel[...][0, 0].astype(dtype))
+        y = pointwise(x.astype(dtype), self.kernel[...][0, 0].astype(dtype), impl=self.impl)
         return y + self.bias[...].astype(dtype)
 
 
@@ -170,13 +172,22 @@ class MixerBlock(nnx.Module):
     """Residual(depthwise conv -> act -> BN) -> pointwise conv -> act -> BN."""
 
     def __init__(
-        self, width, kernel_size, *, activation, dtype, depthwise_impl, rngs, bn_group_size=0
+        self,
+        width,
+        kernel_size,
+        *,
+        activation,
+        dtype,
+        depthwise_impl,
+        pointwise_impl,
+        rngs,
+        bn_group_size=0,
     ):
         self.depthwise = DepthwiseConv(
             width, kernel_size, dtype=dtype, impl=depthwise_impl, rngs=rngs
         )
         self.norm1 = _batch_norm(width, dtype, rngs, bn_group_size)
-        self.pointwise = PointwiseConv(width, dtype=dtype, rngs=rngs)
+        self.pointwise = PointwiseConv(width, dtype=dtype, impl=pointwise_impl, rngs=rngs)
         self.norm2 = _batch_norm(width, dtype, rngs, bn_group_size)
         self.activation = activation
 
@@ -226,9 +237,11 @@ def _run_blocks(blocks: nnx.List, x: jax.Array, train: bool, scan: bool, remat: 
 class ConvMixer(nnx.Module):
     """ConvMixer-h/d: NHWC images whose size the patch size divides -> float32 logits.
 
-    `scan` runs the identical mixer blocks as one `lax.scan`; `remat` ('none', 'block' or
-    'dots') recomputes activations in the backward pass to save memory; `bn_group_size` > 0
-    computes train-mode BatchNorm statistics per group of that many images (GroupBatchNorm).
+    `depthwise_impl` and `pointwise_impl` pick the implementations of the two convs
+    (`depthwise.py`, `pointwise.py`); `scan` runs the identical mixer blocks as one `lax.scan`;
+    `remat` ('none', 'block' or 'dots') recomputes activations in the backward pass to save
+    memory; `bn_group_size` > 0 computes train-mode BatchNorm statistics per group of that many
+    images (GroupBatchNorm).
     """
 
     def __init__(
@@ -243,6 +256,7 @@ class ConvMixer(nnx.Module):
         in_channels: int = 3,
         dtype=jnp.float32,
         depthwise_impl: str = "auto",
+        pointwise_impl: str = "auto",
         scan: bool = True,
         remat: str = "none",
         bn_group_size: int = 0,
@@ -250,6 +264,13 @@ class ConvMixer(nnx.Module):
     ):
         if remat not in REMAT_POLICIES:
             raise ValueError(f"unknown remat {remat!r}; choose one of {list(REMAT_POLICIES)}")
+        if remat == "dots":
+            if pointwise_impl == "native":
+                raise ValueError(
+                    "remat 'dots' cannot see pointwise_impl 'native' products; use remat "
+                    "'block' or 'none', or pointwise_impl 'xla' or 'auto'"
+                )
+            pointwise_impl = "xla"  # for 'auto' too: keep the products visible to the policy
         if activation not in ACTIVATIONS:
             raise ValueError(
                 f"unknown activation {activation!r}; choose one of {list(ACTIVATIONS)}"
@@ -269,6 +290,7 @@ class ConvMixer(nnx.Module):
                     activation=activation,
                     dtype=dtype,
                     depthwise_impl=depthwise_impl,
+                    pointwise_impl=pointwise_impl,
                     rngs=rngs,
                     bn_group_size=bn_group_size,
                 )
@@ -342,6 +364,7 @@ def create_model(
     rngs: nnx.Rngs | None = None,
     dtype=jnp.float32,
     depthwise_impl: str = "auto",
+    pointwise_impl: str = "auto",
     scan: bool = True,
     remat: str = "none",
     bn_group_size: int = 0,
@@ -362,6 +385,7 @@ def create_model(
         num_classes=num_classes or spec.num_classes,
         dtype=dtype,
         depthwise_impl=depthwise_impl,
+        pointwise_impl=pointwise_impl,
         scan=scan,
         remat=remat,
         bn_group_size=bn_group_size,

@@ -58,6 +58,7 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int, seed: int) 
         rngs=nnx.Rngs(seed),
         dtype=jnp.dtype(config.dtype),
         depthwise_impl=m.depthwise_impl,
+        pointwise_impl=m.pointwise_impl,
         scan=m.scan,
         remat=m.remat,
         bn_group_size=config.bn_group_size,

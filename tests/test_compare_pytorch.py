@@ -60,6 +60,7 @@ def test_main_prints_both_figures_and_ratios(compare, capsys):
         "convmixer_tiny", 16, 1, 8,
     )  # fmt: skip
     assert out["dtype"] == "float32" and out["depthwise_impl"] == "shift"
+    assert out["pointwise_impl"] == "xla"  # 8 simulated devices: the XLA paths
     assert sorted(out["pytorch"]) == ["eager_channels_last", "eager_nchw"]
     for figures in [out["jax"], *out["pytorch"].values()]:
         assert figures["train_images_per_sec"] > 0 and figures["infer_images_per_sec"] > 0

@@ -1,4 +1,5 @@
-"""depthwise_conv impl='shift' against XLA's grouped conv: values, gradients, dtypes, memory."""
+"""depthwise_conv's 'shift' and 'native' against XLA's grouped conv: values, gradients, dtypes,
+memory; the native kernels' build, sharded use and errors."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from convmixer_jax import depthwise
+from convmixer_jax import depthwise, native
 from convmixer_jax.depthwise import IMPLS, depthwise_conv
 
 # (k, NHWC): odd and even k, k=1, H != W, k larger than the image, batches the chunk of 4 that
@@ -24,6 +25,9 @@ CASES = [
     (9, (5, 10, 12, 3)),
     (3, (5, 6, 5, 33)),
     (6, (3, 9, 8, 40)),
+    # native: several 32-channel blocks with a partial last one, rows of 8 columns plus a tail,
+    # and enough images for the weight gradient to be summed over image groups.
+    (5, (9, 7, 19, 70)),
 ]
 
 
@@ -57,12 +61,13 @@ def _value_and_grads(impl: str):
     return jax.jit(f)
 
 
+@pytest.mark.parametrize("impl", ["shift", "native"])
 @pytest.mark.parametrize("k,shape", CASES)
-def test_shift_matches_xla(k, shape, chunked):
+def test_matches_xla(impl, k, shape, chunked):
     chunked(shape)
     x, kernel, g = _inputs(k, shape)
     want = _value_and_grads("xla")(x, kernel, g)
-    got = _value_and_grads("shift")(x, kernel, g)
+    got = _value_and_grads(impl)(x, kernel, g)
     for name, a, b in zip(("out", "dx", "dkernel"), got, want, strict=True):
         assert a.shape == b.shape and a.dtype == b.dtype, name
         rtol = 1e-5 if name == "out" else 1e-4
@@ -118,13 +123,61 @@ def test_bad_kernel_shape():
         depthwise_conv(x, kernel[..., :1], impl="shift")
 
 
-@pytest.mark.skipif(jax.default_backend() != "cpu", reason="impl='auto' picks 'shift' on CPU only")
-def test_auto_is_shift_on_cpu():
+def test_auto_on_cpu(monkeypatch):
+    assert jax.default_backend() == "cpu"
+    # Eight simulated devices: the native custom call would not be partitioned, so 'shift'.
     assert depthwise.resolve_impl("auto") == "shift"
+    monkeypatch.setattr(jax, "device_count", lambda: 1)
+    assert depthwise.resolve_impl("auto") == "native"
     x, kernel, _ = _inputs(4, (3, 6, 5, 3))
     np.testing.assert_array_equal(
-        depthwise_conv(x, kernel, impl="auto"), depthwise_conv(x, kernel, impl="shift")
+        depthwise_conv(x, kernel, impl="auto"), depthwise_conv(x, kernel, impl="native")
     )
+
+
+def test_native_on_sharded_batch():
+    # The custom call inside a jit whose batch is sharded over 8 devices: same loss and gradients.
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+    x, kernel, _ = _inputs(5, (16, 9, 7, 40), seed=3)
+    sharded = jax.device_put(
+        x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    )
+
+    def loss(impl):
+        f = lambda x, w: jnp.sum(jnp.sin(depthwise_conv(x, w, impl=impl)))  # noqa: E731
+        return jax.jit(jax.value_and_grad(f, argnums=(0, 1)))
+
+    (got, (gx, gw)), (want, (wx, ww)) = loss("native")(sharded, kernel), loss("xla")(x, kernel)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    np.testing.assert_allclose(gx, wx, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(gw, ww, rtol=1e-4, atol=1e-4)
+
+
+def test_native_build_once_into_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("CONVMIXER_JAX_CACHE", str(tmp_path))
+    library = native.build()
+    built = library.stat().st_mtime_ns
+    assert native.build() == library  # the second call finds the library and builds nothing
+    assert library.stat().st_mtime_ns == built
+    assert list(tmp_path.iterdir()) == [library] and library.suffix == ".so"
+
+
+def test_native_build_errors(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("CONVMIXER_JAX_CACHE", str(tmp_path))
+    monkeypatch.setenv("CXX", "no-such-c++")
+    with pytest.raises(RuntimeError, match="no C\\+\\+ compiler 'no-such-c\\+\\+'.*'shift'.*'xla'"):
+        native.build()
+    # Where nothing builds, 'auto' falls back to the XLA paths and says why.
+    monkeypatch.setattr(native, "load", native.load.__wrapped__)  # uncached: build again
+    assert native.available.__wrapped__() is False
+    assert "CPU kernels unavailable" in caplog.text and "no-such-c++" in caplog.text
+    monkeypatch.delenv("CXX")
+    broken = tmp_path / "broken.cc"
+    broken.write_text("int f( {\n")
+    monkeypatch.setattr(native, "SOURCES", (broken,))
+    with pytest.raises(RuntimeError, match="broken.cc:1:.*error.*'shift'"):
+        native.build()
+    assert not list(tmp_path.glob("*.so"))  # nothing half-built left behind
 
 
 def test_shift_backward_keeps_no_shifted_copies():

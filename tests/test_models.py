@@ -228,3 +228,32 @@ def test_forward_flops_match_published_macs():
     flops = models.forward_flops(width=1536, depth=20, kernel_size=9, patch_size=7,
                                  num_classes=1000, image_size=224)  # fmt: skip
     assert flops / 2 / 1e9 == pytest.approx(51.10, abs=0.01)
+
+
+def test_native_kernels_compute_the_same():
+    # Both CPU kernels in a whole model, train mode: loss, every gradient and the statistics.
+    kwargs = dict(num_classes=5, width=40, depth=2, kernel_size=5)
+    reference = convmixer_jax.create_model(
+        "convmixer_tiny", depthwise_impl="xla", pointwise_impl="xla", rngs=nnx.Rngs(3), **kwargs
+    )
+    model = convmixer_jax.create_model(
+        "convmixer_tiny",
+        depthwise_impl="native",
+        pointwise_impl="native",
+        remat="block",
+        rngs=nnx.Rngs(3),
+        **kwargs,
+    )
+    x = jnp.asarray(np.random.default_rng(4).normal(size=(4, 12, 12, 3)), jnp.float32)
+    (want_loss, want_stats), want_grads = _loss_and_grads(reference, x)
+    (loss, stats), grads = _loss_and_grads(model, x)
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(stats), jax.tree.leaves(want_stats), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_native_pointwise_rejects_remat_dots():
+    with pytest.raises(ValueError, match="remat 'dots'.*pointwise_impl 'native'.*'block'"):
+        convmixer_jax.create_model("convmixer_tiny", pointwise_impl="native", remat="dots")

@@ -1,0 +1,144 @@
+// Float32 matrix product for XLA's CPU backend, as an FFI handler: ConvMixer's pointwise convs.
+//
+// Matmul: c = op(a) @ op(b), op transposing an operand where its attribute says so, with
+// op(a) (M, K) and op(b) (K, N); all arrays row-major. The three products of a pointwise conv
+// (x @ w, g @ w^T, x^T @ g) are all this call.
+//
+// The usual blocked scheme, one block of kKc depth at a time: that block of op(b) is packed into
+// panels of kNr columns; each task takes kMc rows of op(a), packs them into panels of kMr rows,
+// and runs a kMr x kNr register-tiled kernel (12 vector accumulators) over the panels, adding
+// into c. Tasks run on XLA's intra-op thread pool.
+#include <vector>
+
+#include "common.h"
+
+namespace convmixer {
+namespace {
+
+constexpr int64_t kMr = 6;    // rows of the register tile
+constexpr int64_t kNr = 16;   // columns of the register tile (2 vectors)
+constexpr int64_t kKc = 384;  // depth of a packed block
+constexpr int64_t kMc = 96;   // rows of op(a) per task
+
+// Element (r, s) of a row-major matrix with `cols` columns, or of its transpose.
+struct View {
+  const float* data;
+  int64_t row_stride, col_stride;
+  View(const float* d, int64_t cols, bool transpose)
+      : data(d), row_stride(transpose ? 1 : cols), col_stride(transpose ? cols : 1) {}
+  float at(int64_t r, int64_t s) const { return data[r * row_stride + s * col_stride]; }
+};
+
+// Panel jr of depth block [p0, p0+kc) of op(b): kc rows of kNr columns, zero past column n.
+void PackB(const View& b, int64_t p0, int64_t kc, int64_t jr, int64_t n, float* dst) {
+  for (int64_t p = 0; p < kc; ++p) {
+    for (int64_t q = 0; q < kNr; ++q) {
+      int64_t col = jr * kNr + q;
+      dst[p * kNr + q] = col < n ? b.at(p0 + p, col) : 0.f;
+    }
+  }
+}
+
+// Rows [m0, m0+mc) x depth [p0, p0+kc) of op(a) as panels of kMr rows, zero past row m0+mc.
+void PackA(const View& a, int64_t m0, int64_t mc, int64_t p0, int64_t kc, float* dst) {
+  for (int64_t ir = 0; ir < mc; ir += kMr) {
+    float* panel = dst + ir * kc;
+    for (int64_t p = 0; p < kc; ++p) {
+      for (int64_t r = 0; r < kMr; ++r) {
+        panel[p * kMr + r] = ir + r < mc ? a.at(m0 + ir + r, p0 + p) : 0.f;
+      }
+    }
+  }
+}
+
+// c[0:rows, 0:cols] (+)= the kMr x kNr product of one packed a panel and one packed b panel.
+inline void Kernel(int64_t kc, const float* a, const float* b, float* c, int64_t ldc, int64_t rows,
+                   int64_t cols, bool first) {
+  v8 acc[kMr][2];
+  for (int r = 0; r < kMr; ++r) acc[r][0] = acc[r][1] = v8{};
+  for (int64_t p = 0; p < kc; ++p) {
+    v8 b0 = Load(b + p * kNr), b1 = Load(b + p * kNr + kLanes);
+#pragma GCC unroll 6
+    for (int r = 0; r < kMr; ++r) {
+      float s = a[p * kMr + r];
+      v8 splat = {s, s, s, s, s, s, s, s};
+      acc[r][0] += splat * b0;
+      acc[r][1] += splat * b1;
+    }
+  }
+  if (rows == kMr && cols == kNr) {
+    for (int r = 0; r < kMr; ++r) {
+      float* row = c + r * ldc;
+      StoreU(row, first ? acc[r][0] : LoadU(row) + acc[r][0]);
+      StoreU(row + kLanes, first ? acc[r][1] : LoadU(row + kLanes) + acc[r][1]);
+    }
+    return;
+  }
+  alignas(32) float tile[kMr][kNr];
+  for (int r = 0; r < kMr; ++r) {
+    Store(&tile[r][0], acc[r][0]);
+    Store(&tile[r][kLanes], acc[r][1]);
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    float* row = c + r * ldc;
+    if (first) {
+      std::memcpy(row, tile[r], cols * sizeof(float));
+    } else {
+      for (int64_t q = 0; q < cols; ++q) row[q] += tile[r][q];
+    }
+  }
+}
+
+ffi::Error Matmul(ffi::ThreadPool pool, ffi::BufferR2<ffi::F32> a, ffi::BufferR2<ffi::F32> b,
+                  ffi::ResultBufferR2<ffi::F32> c, bool transpose_a, bool transpose_b) {
+  auto ad = a.dimensions(), bd = b.dimensions();
+  int64_t m = transpose_a ? ad[1] : ad[0], k = transpose_a ? ad[0] : ad[1];
+  int64_t kb = transpose_b ? bd[1] : bd[0], n = transpose_b ? bd[0] : bd[1];
+  auto cd = c->dimensions();
+  if (kb != k || cd[0] != m || cd[1] != n) {
+    return ffi::Error::InvalidArgument("matmul: operand and result shapes do not match");
+  }
+  View av(a.typed_data(), ad[1], transpose_a), bv(b.typed_data(), bd[1], transpose_b);
+  float* out = c->typed_data();
+  if (k == 0) {
+    std::memset(out, 0, m * n * sizeof(float));
+    return ffi::Error::Success();
+  }
+  // Depth block by depth block: op(b)'s block is packed once (by all threads) and then shared by
+  // every task from cache, while each task packs its own rows of op(a).
+  int64_t panels = (n + kNr - 1) / kNr, row_blocks = (m + kMc - 1) / kMc;
+  Tile packed_b = ZeroTile(kKc * panels * kNr);
+  std::vector<Tile> packed_a(row_blocks);
+  for (int64_t p0 = 0; p0 < k; p0 += kKc) {
+    int64_t kc = std::min(kKc, k - p0);
+    ParallelFor(pool, panels, [&](int64_t jr) {
+      PackB(bv, p0, kc, jr, n, packed_b.get() + jr * kc * kNr);
+    });
+    ParallelFor(pool, row_blocks, [&](int64_t t) {
+      int64_t m0 = t * kMc, mc = std::min(kMc, m - m0);
+      if (!packed_a[t]) packed_a[t] = ZeroTile(((kMc + kMr - 1) / kMr) * kMr * kKc);
+      float* ap = packed_a[t].get();
+      PackA(av, m0, mc, p0, kc, ap);
+      for (int64_t jr = 0; jr < panels; ++jr) {
+        const float* bp = packed_b.get() + jr * kc * kNr;
+        for (int64_t ir = 0; ir < mc; ir += kMr) {
+          Kernel(kc, ap + ir * kc, bp, out + (m0 + ir) * n + jr * kNr, n, std::min(kMr, mc - ir),
+                 std::min(kNr, n - jr * kNr), p0 == 0);
+        }
+      }
+    });
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+}  // namespace convmixer
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Matmul, convmixer::Matmul,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::BufferR2<ffi::F32>>()
+                                  .Arg<ffi::BufferR2<ffi::F32>>()
+                                  .Ret<ffi::BufferR2<ffi::F32>>()
+                                  .Attr<bool>("transpose_a")
+                                  .Attr<bool>("transpose_b"));

@@ -1,0 +1,117 @@
+"""Build and register the CPU kernels in `csrc/`: depthwise convolution and matrix product.
+
+The kernels are XLA FFI handlers. They are compiled on first use with the system C++ compiler
+(`$CXX`, else `c++`) against the FFI headers shipped with jaxlib, with `-march=native`, into a
+cache folder (`$CONVMIXER_JAX_CACHE`, else `~/.cache/convmixer_jax`) keyed by the source, the
+jaxlib version, the compiler flags and this CPU's feature flags, so a shared home on different
+hosts never loads a library built for another CPU. `available()` says whether that worked;
+`load()` raises with the compiler's message if it did not. The build goes to a temporary file
+renamed into place, so processes building at once never load a half-written library.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import importlib.metadata
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.ffi
+
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = (CSRC / "depthwise_cpu.cc", CSRC / "matmul_cpu.cc")
+HEADERS = (CSRC / "common.h",)
+FORWARD = "convmixer_depthwise_forward"
+WEIGHT_GRAD = "convmixer_depthwise_weight_grad"
+MATMUL = "convmixer_matmul"
+_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno")
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("CONVMIXER_JAX_CACHE")
+    return Path(root) if root else Path.home() / ".cache" / "convmixer_jax"
+
+
+def _library_path(compiler: str) -> Path:
+    key = hashlib.sha256()
+    for path in (*SOURCES, *HEADERS):
+        key.update(path.read_bytes())
+    key.update(importlib.metadata.version("jaxlib").encode())
+    key.update(compiler.encode())
+    key.update(" ".join(_FLAGS).encode())
+    key.update(_cpu_flags().encode())
+    key.update(platform.machine().encode())
+    return _cache_dir() / f"depthwise_cpu-{key.hexdigest()[:16]}.so"
+
+
+def _compile(compiler: str, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Build beside the target and rename, so concurrent processes never load a half-written file.
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    cmd = [compiler, *_FLAGS, f"-I{jax.ffi.include_dir()}", *map(str, SOURCES), "-o", tmp]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        os.unlink(tmp)
+        lines = (result.stderr or result.stdout).strip().splitlines() or ["no output"]
+        first = next((line for line in lines if "error" in line), lines[0])
+        raise RuntimeError(
+            f"building the CPU kernels failed ({' '.join(cmd)}): {first}; "
+            "install a C++17 compiler or set model.depthwise_impl='shift' and "
+            "model.pointwise_impl='xla'"
+        )
+    os.replace(tmp, target)
+
+
+def build() -> Path:
+    """The compiled library for this machine, compiled first if the cache does not hold it."""
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        raise RuntimeError(
+            f"no C++ compiler {compiler!r} for the CPU kernels; install one (or set CXX) "
+            "or set model.depthwise_impl='shift' and model.pointwise_impl='xla'"
+        )
+    path = _library_path(compiler)
+    if not path.exists():
+        _compile(compiler, path)
+    return path
+
+
+@functools.cache
+def load() -> None:
+    """Build (once per cache key) and register the kernels with XLA's CPU backend."""
+    lib = ctypes.cdll.LoadLibrary(str(build()))
+    jax.ffi.register_ffi_target(FORWARD, jax.ffi.pycapsule(lib.DepthwiseForward), platform="cpu")
+    jax.ffi.register_ffi_target(
+        WEIGHT_GRAD, jax.ffi.pycapsule(lib.DepthwiseWeightGrad), platform="cpu"
+    )
+    jax.ffi.register_ffi_target(MATMUL, jax.ffi.pycapsule(lib.Matmul), platform="cpu")
+
+
+@functools.cache
+def available() -> bool:
+    """Whether the kernels built and registered on this machine."""
+    try:
+        load()
+    except (RuntimeError, OSError) as err:
+        logging.warning("CPU kernels unavailable; 'auto' uses the XLA implementations: %s", err)
+        return False
+    return True

@@ -1,0 +1,103 @@
+"""pointwise(impl='native') against XLA's dot: values, gradients, dtypes, transposes, auto."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from convmixer_jax import pointwise
+from convmixer_jax.config import ConfigError, base_config, validate
+from convmixer_jax.pointwise import pointwise as pointwise_product
+
+# (x shape, output channels): one register tile and less, rows over several 96-row tasks with a
+# partial last one, depth over several 384-deep blocks, columns past a 16-column panel.
+CASES = [
+    ((3, 5, 7, 13), 9),
+    ((2, 4, 4, 40), 40),
+    ((600, 400), 20),
+    ((1, 10, 10, 100), 33),
+]
+
+
+def _inputs(shape, d, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(shape, np.float32)
+    w = rng.standard_normal((shape[-1], d), np.float32) / np.sqrt(shape[-1])
+    g = rng.standard_normal((*shape[:-1], d), np.float32)
+    return jnp.asarray(x), jnp.asarray(w), jnp.asarray(g)
+
+
+def _value_and_grads(impl):
+    def f(x, w, g):
+        out, vjp = jax.vjp(lambda x, w: pointwise_product(x, w, impl=impl), x, w)
+        return (out, *vjp(g.astype(out.dtype)))
+
+    return jax.jit(f)
+
+
+@pytest.mark.parametrize("shape,d", CASES)
+def test_native_matches_xla(shape, d):
+    x, w, g = _inputs(shape, d)
+    want = _value_and_grads("xla")(x, w, g)
+    got = _value_and_grads("native")(x, w, g)
+    for name, a, b in zip(("out", "dx", "dw"), got, want, strict=True):
+        assert a.shape == b.shape and a.dtype == b.dtype, name
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4, err_msg=name)
+
+
+@pytest.mark.parametrize("transpose_a", [False, True])
+@pytest.mark.parametrize("transpose_b", [False, True])
+def test_kernel_transposes(transpose_a, transpose_b):
+    rng = np.random.default_rng(1)
+    a = rng.standard_normal((101, 390), np.float32)
+    b = rng.standard_normal((390, 37), np.float32)
+    stored_a = a.T.copy() if transpose_a else a
+    stored_b = b.T.copy() if transpose_b else b
+    pointwise.native.load()
+    got = jax.jit(
+        lambda p, q: pointwise._native_product(
+            p, q, transpose_a=transpose_a, transpose_b=transpose_b
+        )
+    )(stored_a, stored_b)
+    np.testing.assert_allclose(got, a @ b, rtol=1e-4, atol=1e-4)
+
+
+def test_bfloat16_is_computed_in_float32_and_returned_as_bfloat16():
+    x, w, g = _inputs((4, 6, 6, 40), 24, seed=2)
+    want = _value_and_grads("xla")(x, w, g)
+    got = _value_and_grads("native")(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16), g)
+    for name, a, b in zip(("out", "dx", "dw"), got, want, strict=True):
+        assert a.dtype == jnp.bfloat16, name
+        np.testing.assert_allclose(a.astype(jnp.float32), b, rtol=0.05, atol=0.1, err_msg=name)
+
+
+def test_auto(monkeypatch):
+    assert jax.default_backend() == "cpu"
+    assert pointwise.resolve_impl("auto", jnp.float32) == "xla"  # 8 simulated devices
+    monkeypatch.setattr(jax, "device_count", lambda: 1)
+    assert pointwise.resolve_impl("auto", jnp.float32) == "native"
+    assert pointwise.resolve_impl("auto", jnp.bfloat16) == "xla"
+    assert pointwise.resolve_impl("xla", jnp.float32) == "xla"
+
+
+def test_invalid_impl():
+    x, w, _ = _inputs((2, 3), 4)
+    with pytest.raises(ValueError, match="unknown pointwise impl 'blas'.*xla, native"):
+        pointwise_product(x, w, impl="blas")
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"pointwise_impl": "blas"}, "model.pointwise_impl: 'blas' is unknown"),
+        ({"pointwise_impl": "native", "remat": "dots"}, "invisible to remat 'dots'"),
+    ],
+)
+def test_config_validation(overrides, message):
+    c = base_config()
+    validate(c, 8)
+    c.model.update(overrides)
+    with pytest.raises(ConfigError, match=message):
+        validate(c, 8)
