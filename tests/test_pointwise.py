@@ -12,11 +12,11 @@ from convmixer_jax.config import ConfigError, base_config, validate
 from convmixer_jax.pointwise import pointwise as pointwise_product
 
 # (x shape, output channels): one register tile and less, rows over several 96-row tasks with a
-# partial last one, depth over several 384-deep blocks, columns past a 16-column panel.
+# partial last one, depth over several 768-deep blocks, columns past a 16-column panel.
 CASES = [
     ((3, 5, 7, 13), 9),
     ((2, 4, 4, 40), 40),
-    ((600, 400), 20),
+    ((600, 1700), 20),
     ((1, 10, 10, 100), 33),
 ]
 
@@ -51,8 +51,8 @@ def test_native_matches_xla(shape, d):
 @pytest.mark.parametrize("transpose_b", [False, True])
 def test_kernel_transposes(transpose_a, transpose_b):
     rng = np.random.default_rng(1)
-    a = rng.standard_normal((101, 390), np.float32)
-    b = rng.standard_normal((390, 37), np.float32)
+    a = rng.standard_normal((101, 800), np.float32)
+    b = rng.standard_normal((800, 37), np.float32)
     stored_a = a.T.copy() if transpose_a else a
     stored_b = b.T.copy() if transpose_b else b
     pointwise.native.load()

@@ -17,7 +17,7 @@ namespace {
 
 constexpr int64_t kMr = 6;    // rows of the register tile
 constexpr int64_t kNr = 16;   // columns of the register tile (2 vectors)
-constexpr int64_t kKc = 384;  // depth of a packed block
+constexpr int64_t kKc = 768;  // depth of a packed block
 constexpr int64_t kMc = 96;   // rows of op(a) per task
 
 // Element (r, s) of a row-major matrix with `cols` columns, or of its transpose.
