@@ -59,7 +59,7 @@ def _library_path(compiler: str) -> Path:
     key.update(" ".join(_FLAGS).encode())
     key.update(_cpu_flags().encode())
     key.update(platform.machine().encode())
-    return _cache_dir() / f"depthwise_cpu-{key.hexdigest()[:16]}.so"
+    return _cache_dir() / f"cpu_kernels-{key.hexdigest()[:16]}.so"
 
 
 def _compile(compiler: str, target: Path) -> None:
