@@ -261,6 +261,8 @@ def resolve_impl(impl: str) -> str:
         return choice
     if impl not in IMPLS:
         raise ValueError(f"unknown depthwise impl {impl!r}; choose one of auto, {', '.join(IMPLS)}")
+    if impl == "native" and jax.default_backend() != "cpu":
+        raise ValueError("depthwise impl 'native' runs on CPU only; use 'auto' or 'xla'")
     return impl
 
 

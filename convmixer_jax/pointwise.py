@@ -72,6 +72,8 @@ def resolve_impl(impl: str, dtype: jnp.dtype) -> str:
         return "xla"
     if impl not in IMPLS:
         raise ValueError(f"unknown pointwise impl {impl!r}; choose one of auto, {', '.join(IMPLS)}")
+    if impl == "native" and jax.default_backend() != "cpu":
+        raise ValueError("pointwise impl 'native' runs on CPU only; use 'auto' or 'xla'")
     return impl
 
 

@@ -111,10 +111,13 @@ def test_bfloat16(impl):
     np.testing.assert_allclose(dw.astype(jnp.float32), wdw, rtol=0.05, atol=1.0)
 
 
-def test_invalid_impl():
+def test_invalid_impl(monkeypatch):
     x, kernel, _ = _inputs(3, (1, 4, 4, 2))
     with pytest.raises(ValueError, match="xla.*shift"):
         depthwise_conv(x, kernel, impl="fft")
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    with pytest.raises(ValueError, match="'native' runs on CPU only; use 'auto' or 'xla'"):
+        depthwise.resolve_impl("native")
 
 
 def test_bad_kernel_shape():

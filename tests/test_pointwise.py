@@ -82,10 +82,13 @@ def test_auto(monkeypatch):
     assert pointwise.resolve_impl("xla", jnp.float32) == "xla"
 
 
-def test_invalid_impl():
+def test_invalid_impl(monkeypatch):
     x, w, _ = _inputs((2, 3), 4)
     with pytest.raises(ValueError, match="unknown pointwise impl 'blas'.*xla, native"):
         pointwise_product(x, w, impl="blas")
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    with pytest.raises(ValueError, match="'native' runs on CPU only; use 'auto' or 'xla'"):
+        pointwise.resolve_impl("native", jnp.float32)
 
 
 @pytest.mark.parametrize(
