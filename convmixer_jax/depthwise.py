@@ -204,15 +204,11 @@ _shift.defvjp(_shift_fwd, _shift_bwd)
 
 
 def _native_forward(x: jax.Array, w: jax.Array, pad_lo: int) -> jax.Array:
-    out = jax.ShapeDtypeStruct(x.shape, jnp.float32)
-    call = jax.ffi.ffi_call(native.FORWARD, out, vmap_method="sequential")
-    return call(x.astype(jnp.float32), w.astype(jnp.float32), pad_lo=np.int64(pad_lo))
+    return native.call(native.FORWARD, x.shape, x, w, pad_lo=np.int64(pad_lo))
 
 
 def _native_weight_grad(x: jax.Array, g: jax.Array, k: int, pad_lo: int) -> jax.Array:
-    out = jax.ShapeDtypeStruct((k, k, x.shape[-1]), jnp.float32)
-    call = jax.ffi.ffi_call(native.WEIGHT_GRAD, out, vmap_method="sequential")
-    return call(x.astype(jnp.float32), g.astype(jnp.float32), pad_lo=np.int64(pad_lo))
+    return native.call(native.WEIGHT_GRAD, (k, k, x.shape[-1]), x, g, pad_lo=np.int64(pad_lo))
 
 
 @jax.custom_vjp
@@ -250,19 +246,18 @@ def _check(x: jax.Array, kernel: jax.Array) -> None:
 def resolve_impl(impl: str) -> str:
     """The concrete implementation `impl` names ('auto' resolved for the default backend).
 
-    On CPU 'auto' falls back to 'shift' where the native kernels cannot be built, and with more
-    than one device: XLA's SPMD partitioner does not split a custom call, so on a sharded batch
-    every device would run the native kernel on the whole batch.
+    On CPU 'auto' falls back to 'shift' where the native kernels are not usable (`native.usable`:
+    more than one device, or no compiler).
     """
     if impl == "auto":
         choice = _AUTO.get(jax.default_backend(), "xla")
-        if choice == "native" and (jax.device_count() > 1 or not native.available()):
+        if choice == "native" and not native.usable():
             return "shift"
         return choice
     if impl not in IMPLS:
         raise ValueError(f"unknown depthwise impl {impl!r}; choose one of auto, {', '.join(IMPLS)}")
-    if impl == "native" and jax.default_backend() != "cpu":
-        raise ValueError("depthwise impl 'native' runs on CPU only; use 'auto' or 'xla'")
+    if impl == "native":
+        native.check_backend("depthwise")
     return impl
 
 
@@ -276,6 +271,5 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, *, impl: str = "auto") -> ja
     if impl == "xla":
         return _xla(x, kernel)
     if impl == "native":
-        native.load()
         return _native(x, kernel)
     return _shift(x, kernel)

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import jax
 import jax.ffi
+import jax.numpy as jnp
 
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = (CSRC / "depthwise_cpu.cc", CSRC / "matmul_cpu.cc")
@@ -115,3 +116,26 @@ def available() -> bool:
         logging.warning("CPU kernels unavailable; 'auto' uses the XLA implementations: %s", err)
         return False
     return True
+
+
+def usable() -> bool:
+    """Whether 'auto' may pick the kernels: on a single CPU device, where they build.
+
+    XLA's SPMD partitioner does not split a custom call, so on a batch sharded over several
+    devices every device would run the kernel on the whole batch.
+    """
+    return jax.default_backend() == "cpu" and jax.device_count() == 1 and available()
+
+
+def check_backend(kind: str) -> None:
+    """Raises for an explicit `kind` impl 'native' off the CPU backend."""
+    if jax.default_backend() != "cpu":
+        raise ValueError(f"{kind} impl 'native' runs on CPU only; use 'auto' or 'xla'")
+
+
+def call(target: str, shape: tuple[int, ...], *operands: jax.Array, **attrs) -> jax.Array:
+    """Kernel `target` on the operands cast to float32: a float32 array of `shape`."""
+    load()
+    out = jax.ShapeDtypeStruct(shape, jnp.float32)
+    kernel = jax.ffi.ffi_call(target, out, vmap_method="sequential")
+    return kernel(*(x.astype(jnp.float32) for x in operands), **attrs)

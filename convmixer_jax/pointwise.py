@@ -34,12 +34,8 @@ IMPLS = ("xla", "native")
 def _native_product(a: jax.Array, b: jax.Array, *, transpose_a=False, transpose_b=False):
     m = a.shape[1] if transpose_a else a.shape[0]
     n = b.shape[0] if transpose_b else b.shape[1]
-    call = jax.ffi.ffi_call(native.MATMUL, jax.ShapeDtypeStruct((m, n), jnp.float32))
-    return call(
-        a.astype(jnp.float32),
-        b.astype(jnp.float32),
-        transpose_a=transpose_a,
-        transpose_b=transpose_b,
+    return native.call(
+        native.MATMUL, (m, n), a, b, transpose_a=transpose_a, transpose_b=transpose_b
     )
 
 
@@ -66,14 +62,11 @@ _native.defvjp(_native_fwd, _native_bwd)
 def resolve_impl(impl: str, dtype: jnp.dtype) -> str:
     """The concrete implementation `impl` names for inputs of `dtype` on the default backend."""
     if impl == "auto":
-        native_fits = jax.default_backend() == "cpu" and jax.device_count() == 1
-        if native_fits and jnp.dtype(dtype) == jnp.float32 and native.available():
-            return "native"
-        return "xla"
+        return "native" if jnp.dtype(dtype) == jnp.float32 and native.usable() else "xla"
     if impl not in IMPLS:
         raise ValueError(f"unknown pointwise impl {impl!r}; choose one of auto, {', '.join(IMPLS)}")
-    if impl == "native" and jax.default_backend() != "cpu":
-        raise ValueError("pointwise impl 'native' runs on CPU only; use 'auto' or 'xla'")
+    if impl == "native":
+        native.check_backend("pointwise")
     return impl
 
 
@@ -82,7 +75,6 @@ def pointwise(x: jax.Array, w: jax.Array, *, impl: str = "auto") -> jax.Array:
     impl = resolve_impl(impl, x.dtype)
     if impl == "xla":
         return jnp.einsum("...c,cd->...d", x, w.astype(x.dtype))
-    native.load()
     flat = x.reshape(-1, x.shape[-1])
     out = _native(flat, w.astype(x.dtype))
     return out.reshape(*x.shape[:-1], w.shape[-1]).astype(x.dtype)
