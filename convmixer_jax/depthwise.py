@@ -64,7 +64,7 @@ def _acc_dtype(dtype: jnp.dtype) -> jnp.dtype:
     return jnp.dtype(dtype)
 
 
-def _pads(k: int) -> tuple[int, int]:
+def same_pads(k: int) -> tuple[int, int]:
     """XLA 'SAME' padding for stride 1: (k-1)//2 before, k//2 after."""
     return (k - 1) // 2, k // 2
 
@@ -143,7 +143,7 @@ def _weight_grad_chunk(x: jax.Array, g: jax.Array, k: int) -> jax.Array:
     """
     _, h, wd, _ = x.shape
     acc = _acc_dtype(x.dtype)
-    lo, hi = _pads(k)
+    lo, hi = same_pads(k)
     xp = jnp.pad(x.astype(acc), ((0, 0), (lo, hi), (lo, hi), (0, 0)))
     g = g.astype(acc)
     columns = []
@@ -182,17 +182,17 @@ def _weight_grad(x: jax.Array, g: jax.Array, k: int) -> jax.Array:
 
 @jax.custom_vjp
 def _shift(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    return _shifted_sum(x, kernel[:, :, 0, :], _pads(kernel.shape[0]))
+    return _shifted_sum(x, kernel[:, :, 0, :], same_pads(kernel.shape[0]))
 
 
 def _shift_fwd(x: jax.Array, kernel: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    return _stored_shifted_sum(x, kernel[:, :, 0, :], _pads(kernel.shape[0])), (x, kernel)
+    return _stored_shifted_sum(x, kernel[:, :, 0, :], same_pads(kernel.shape[0])), (x, kernel)
 
 
 def _shift_bwd(res: tuple[jax.Array, jax.Array], g: jax.Array) -> tuple[jax.Array, jax.Array]:
     x, kernel = res
     k = kernel.shape[0]
-    lo, hi = _pads(k)
+    lo, hi = same_pads(k)
     g = g.astype(x.dtype)
     # Input gradient: the same shifted sum of g with the flipped kernel and mirrored padding.
     dx = _shifted_sum(g, kernel[::-1, ::-1, 0, :], (hi, lo))
@@ -215,7 +215,7 @@ def _native_weight_grad(x: jax.Array, g: jax.Array, k: int, pad_lo: int) -> jax.
 def _native(x: jax.Array, kernel: jax.Array) -> jax.Array:
     k = kernel.shape[0]
     w = kernel[:, :, 0, :].astype(x.dtype)
-    return _native_forward(x, w, _pads(k)[0]).astype(x.dtype)
+    return _native_forward(x, w, same_pads(k)[0]).astype(x.dtype)
 
 
 def _native_fwd(x: jax.Array, kernel: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
@@ -225,7 +225,7 @@ def _native_fwd(x: jax.Array, kernel: jax.Array) -> tuple[jax.Array, tuple[jax.A
 def _native_bwd(res: tuple[jax.Array, jax.Array], g: jax.Array) -> tuple[jax.Array, jax.Array]:
     x, kernel = res
     k = kernel.shape[0]
-    lo, hi = _pads(k)
+    lo, hi = same_pads(k)
     g = g.astype(x.dtype)
     dx = _native_forward(g, kernel[::-1, ::-1, 0, :].astype(x.dtype), hi).astype(x.dtype)
     dw = _native_weight_grad(x, g, k, lo)

@@ -33,6 +33,8 @@ HEADERS = (CSRC / "common.h",)
 FORWARD = "convmixer_depthwise_forward"
 WEIGHT_GRAD = "convmixer_depthwise_weight_grad"
 MATMUL = "convmixer_matmul"
+DEPTHWISE_LAYER = "convmixer_depthwise_residual_act_affine"
+POINTWISE_LAYER = "convmixer_matmul_bias_act_affine"
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno")
 
 
@@ -105,6 +107,12 @@ def load() -> None:
         WEIGHT_GRAD, jax.ffi.pycapsule(lib.DepthwiseWeightGrad), platform="cpu"
     )
     jax.ffi.register_ffi_target(MATMUL, jax.ffi.pycapsule(lib.Matmul), platform="cpu")
+    jax.ffi.register_ffi_target(
+        DEPTHWISE_LAYER, jax.ffi.pycapsule(lib.DepthwiseResidualActAffine), platform="cpu"
+    )
+    jax.ffi.register_ffi_target(
+        POINTWISE_LAYER, jax.ffi.pycapsule(lib.MatmulBiasActAffine), platform="cpu"
+    )
 
 
 @functools.cache

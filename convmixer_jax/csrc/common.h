@@ -44,6 +44,23 @@ typedef float v8u __attribute__((vector_size(32), aligned(4)));
 inline v8 LoadU(const float* p) { return *reinterpret_cast<const v8u*>(p); }
 inline void StoreU(float* p, v8 v) { *reinterpret_cast<v8u*>(p) = v; }
 
+// The per-channel output pass of an inference-mode ConvMixer layer: act(v + bias) * scale + shift,
+// act ReLU or the identity (BatchNorm with its running statistics folded into scale and shift).
+struct OutputPass {
+  const float *bias, *scale, *shift;  // one per channel
+  bool relu;
+};
+inline v8 BiasActAffine(v8 v, v8 bias, v8 scale, v8 shift, bool relu) {
+  v += bias;
+  if (relu) v = v > v8{} ? v : v8{};
+  return v * scale + shift;
+}
+inline float BiasActAffine(float v, float bias, float scale, float shift, bool relu) {
+  v += bias;
+  if (relu) v = std::max(v, 0.f);
+  return v * scale + shift;
+}
+
 // Runs f(0..n-1) on the caller and up to pool.num_threads()-1 pool threads. Indices are claimed
 // from a shared counter and the caller waits only for claimed work to finish, so a helper that
 // starts late finds nothing left and returns (it never deadlocks a busy pool).

@@ -4,6 +4,9 @@
 //   pad_lo zero rows/columns before and k-1-pad_lo after. The input gradient is the same call on
 //   the cotangent with the flipped kernel and mirrored padding.
 // DepthwiseWeightGrad: dw[i,j,c] = sum_{n,h,w} pad(x)[n,h+i,w+j,c] * g[n,h,w,c].
+// DepthwiseResidualActAffine: x + act(y + bias) * scale + shift, per channel, ReLU or the
+//   identity: a ConvMixer block's residual depthwise layer with its inference-mode BatchNorm, in
+//   the forward kernel's output pass.
 //
 // Work is split into tasks of one block of kBlock channels for a group of images; for each image
 // a task copies its slice into a zero-padded, 32-byte aligned tile (so the inner loops have no
@@ -40,9 +43,12 @@ void FillPadded(const Geometry& g, const float* img, int64_t c0, int64_t width, 
 }
 
 // WB output columns [w0, w0+WB) of row r, vector v of the block: WB independent accumulators.
+// With `pass` (the block's bias, scale and shift, cp lanes each) they become
+// x + act(y + bias) * scale + shift, the residual x read from the tile.
 template <int WB>
 inline void ForwardColumns(const Geometry& g, const float* tile, const float* wt, int64_t cp,
-                           int64_t r, int64_t w0, int64_t v, float* out_row) {
+                           int64_t r, int64_t w0, int64_t v, const float* pass, bool relu,
+                           float* out_row) {
   v8 acc[WB];
   for (int b = 0; b < WB; ++b) acc[b] = v8{};
   for (int64_t i = 0; i < g.k; ++i) {
@@ -54,12 +60,21 @@ inline void ForwardColumns(const Geometry& g, const float* tile, const float* wt
       for (int b = 0; b < WB; ++b) acc[b] += Load(row + (b + j) * cp) * kv;
     }
   }
+  if (pass != nullptr) {
+    const float* p = pass + v * kLanes;
+    v8 bias = Load(p), scale = Load(p + cp), shift = Load(p + 2 * cp);
+    const float* x = tile + ((r + g.lo) * g.wp() + w0 + g.lo) * cp + v * kLanes;
+    for (int b = 0; b < WB; ++b) {
+      acc[b] = Load(x + b * cp) + BiasActAffine(acc[b], bias, scale, shift, relu);
+    }
+  }
   for (int b = 0; b < WB; ++b) Store(out_row + (w0 + b) * cp + v * kLanes, acc[b]);
 }
 
-// Images [first, last) of channel block `blk`; the tiles are reused from image to image.
-void ForwardTask(const Geometry& g, const float* x, const float* kernel, float* y, int64_t blk,
-                 int64_t first, int64_t last) {
+// Images [first, last) of channel block `blk`, with the output pass if `pass` is set; the tiles
+// are reused from image to image.
+void ForwardTask(const Geometry& g, const float* x, const float* kernel, const OutputPass* pass,
+                 float* y, int64_t blk, int64_t first, int64_t last) {
   int64_t c0 = g.c0(blk), width = g.width(blk), cp = g.padded(blk);
   Tile tile = ZeroTile(g.hp() * g.wp() * cp);
   Tile wt = ZeroTile(g.k * g.k * cp);
@@ -67,16 +82,27 @@ void ForwardTask(const Geometry& g, const float* x, const float* kernel, float* 
   for (int64_t t = 0; t < g.k * g.k; ++t) {
     std::memcpy(wt.get() + t * cp, kernel + t * g.c + c0, width * sizeof(float));
   }
+  Tile params = ZeroTile(3 * cp);  // the output pass's bias, scale and shift for this block
+  if (pass != nullptr) {
+    const float* sources[] = {pass->bias, pass->scale, pass->shift};
+    for (int i = 0; i < 3; ++i) {
+      std::memcpy(params.get() + i * cp, sources[i] + c0, width * sizeof(float));
+    }
+  }
+  const float* block_pass = pass != nullptr ? params.get() : nullptr;
+  bool relu = pass != nullptr && pass->relu;
   for (int64_t img = first; img < last; ++img) {
     FillPadded(g, x + img * g.h * g.w * g.c, c0, width, cp, g.lo, tile.get());
     for (int64_t r = 0; r < g.h; ++r) {
       for (int64_t v = 0; v < cp / kLanes; ++v) {
         int64_t w0 = 0;
         for (; w0 + 8 <= g.w; w0 += 8) {
-          ForwardColumns<8>(g, tile.get(), wt.get(), cp, r, w0, v, out_row.get());
+          ForwardColumns<8>(g, tile.get(), wt.get(), cp, r, w0, v, block_pass, relu,
+                              out_row.get());
         }
         for (; w0 < g.w; ++w0) {
-          ForwardColumns<1>(g, tile.get(), wt.get(), cp, r, w0, v, out_row.get());
+          ForwardColumns<1>(g, tile.get(), wt.get(), cp, r, w0, v, block_pass, relu,
+                              out_row.get());
         }
       }
       float* dst = y + ((img * g.h + r) * g.w) * g.c + c0;
@@ -158,8 +184,9 @@ ffi::Error CheckPad(int64_t k, int64_t pad_lo) {
   return ffi::Error::Success();
 }
 
-ffi::Error Forward(ffi::ThreadPool pool, ffi::BufferR4<ffi::F32> x, ffi::BufferR3<ffi::F32> kernel,
-                   ffi::ResultBufferR4<ffi::F32> y, int64_t pad_lo) {
+ffi::Error Convolve(ffi::ThreadPool& pool, ffi::BufferR4<ffi::F32>& x,
+                    ffi::BufferR3<ffi::F32>& kernel, const OutputPass* pass,
+                    ffi::ResultBufferR4<ffi::F32>& y, int64_t pad_lo) {
   auto d = x.dimensions();
   auto kd = kernel.dimensions();
   Geometry g{d[0], d[1], d[2], d[3], kd[0], pad_lo};
@@ -174,9 +201,27 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::BufferR4<ffi::F32> x, ffi::BufferR
   int64_t per = (g.n + groups - 1) / groups;
   ParallelFor(pool, groups * g.blocks(), [&](int64_t t) {
     int64_t first = t / g.blocks() * per;
-    ForwardTask(g, xp, kp, yp, t % g.blocks(), first, std::min(g.n, first + per));
+    ForwardTask(g, xp, kp, pass, yp, t % g.blocks(), first, std::min(g.n, first + per));
   });
   return ffi::Error::Success();
+}
+
+ffi::Error Forward(ffi::ThreadPool pool, ffi::BufferR4<ffi::F32> x, ffi::BufferR3<ffi::F32> kernel,
+                   ffi::ResultBufferR4<ffi::F32> y, int64_t pad_lo) {
+  return Convolve(pool, x, kernel, nullptr, y, pad_lo);
+}
+
+ffi::Error ResidualActAffine(ffi::ThreadPool pool, ffi::BufferR4<ffi::F32> x,
+                             ffi::BufferR3<ffi::F32> kernel, ffi::BufferR1<ffi::F32> bias,
+                             ffi::BufferR1<ffi::F32> scale, ffi::BufferR1<ffi::F32> shift,
+                             ffi::ResultBufferR4<ffi::F32> y, int64_t pad_lo, bool relu) {
+  for (auto* v : {&bias, &scale, &shift}) {
+    if (v->dimensions()[0] != x.dimensions()[3]) {
+      return ffi::Error::InvalidArgument("depthwise: bias, scale and shift must have x's channels");
+    }
+  }
+  OutputPass pass{bias.typed_data(), scale.typed_data(), shift.typed_data(), relu};
+  return Convolve(pool, x, kernel, &pass, y, pad_lo);
 }
 
 ffi::Error WeightGrad(ffi::ThreadPool pool, ffi::BufferR4<ffi::F32> x,
@@ -224,3 +269,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DepthwiseWeightGrad, convmixer::WeightGrad,
                                   .Arg<ffi::BufferR4<ffi::F32>>()
                                   .Ret<ffi::BufferR3<ffi::F32>>()
                                   .Attr<int64_t>("pad_lo"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DepthwiseResidualActAffine, convmixer::ResidualActAffine,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::BufferR4<ffi::F32>>()
+                                  .Arg<ffi::BufferR3<ffi::F32>>()
+                                  .Arg<ffi::BufferR1<ffi::F32>>()
+                                  .Arg<ffi::BufferR1<ffi::F32>>()
+                                  .Arg<ffi::BufferR1<ffi::F32>>()
+                                  .Ret<ffi::BufferR4<ffi::F32>>()
+                                  .Attr<int64_t>("pad_lo")
+                                  .Attr<bool>("relu"));

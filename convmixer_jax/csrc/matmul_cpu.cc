@@ -3,6 +3,8 @@
 // Matmul: c = op(a) @ op(b), op transposing an operand where its attribute says so, with
 // op(a) (M, K) and op(b) (K, N); all arrays row-major. The three products of a pointwise conv
 // (x @ w, g @ w^T, x^T @ g) are all this call.
+// MatmulBiasActAffine: act(a @ b + bias) * scale + shift, per column, ReLU or the identity: a
+// pointwise conv, its activation and its inference-mode BatchNorm in one pass over the output.
 //
 // The usual blocked scheme, one block of kKc depth at a time: that block of op(b) is packed into
 // panels of kNr columns; each task takes kMc rows of op(a), packs them into panels of kMr rows,
@@ -51,9 +53,10 @@ void PackA(const View& a, int64_t m0, int64_t mc, int64_t p0, int64_t kc, float*
   }
 }
 
-// c[0:rows, 0:cols] (+)= the kMr x kNr product of one packed a panel and one packed b panel.
+// c[0:rows, 0:cols] (+)= the kMr x kNr product of one packed a panel and one packed b panel, then
+// the output pass if `ep` is set (per column; col0 is the tile's first column in c).
 inline void Kernel(int64_t kc, const float* a, const float* b, float* c, int64_t ldc, int64_t rows,
-                   int64_t cols, bool first) {
+                   int64_t cols, bool first, const OutputPass* ep, int64_t col0) {
   v8 acc[kMr][2];
   for (int r = 0; r < kMr; ++r) acc[r][0] = acc[r][1] = v8{};
   for (int64_t p = 0; p < kc; ++p) {
@@ -67,10 +70,21 @@ inline void Kernel(int64_t kc, const float* a, const float* b, float* c, int64_t
     }
   }
   if (rows == kMr && cols == kNr) {
+    for (int r = 0; r < kMr && !first; ++r) {
+      acc[r][0] += LoadU(c + r * ldc);
+      acc[r][1] += LoadU(c + r * ldc + kLanes);
+    }
+    for (int h = 0; h < 2 && ep != nullptr; ++h) {
+      int64_t col = col0 + h * kLanes;
+      v8 bias = LoadU(ep->bias + col), scale = LoadU(ep->scale + col);
+      v8 shift = LoadU(ep->shift + col);
+      for (int r = 0; r < kMr; ++r) {
+        acc[r][h] = BiasActAffine(acc[r][h], bias, scale, shift, ep->relu);
+      }
+    }
     for (int r = 0; r < kMr; ++r) {
-      float* row = c + r * ldc;
-      StoreU(row, first ? acc[r][0] : LoadU(row) + acc[r][0]);
-      StoreU(row + kLanes, first ? acc[r][1] : LoadU(row + kLanes) + acc[r][1]);
+      StoreU(c + r * ldc, acc[r][0]);
+      StoreU(c + r * ldc + kLanes, acc[r][1]);
     }
     return;
   }
@@ -86,11 +100,16 @@ inline void Kernel(int64_t kc, const float* a, const float* b, float* c, int64_t
     } else {
       for (int64_t q = 0; q < cols; ++q) row[q] += tile[r][q];
     }
+    for (int64_t q = 0; q < cols && ep != nullptr; ++q) {
+      int64_t col = col0 + q;
+      row[q] = BiasActAffine(row[q], ep->bias[col], ep->scale[col], ep->shift[col], ep->relu);
+    }
   }
 }
 
-ffi::Error Matmul(ffi::ThreadPool pool, ffi::BufferR2<ffi::F32> a, ffi::BufferR2<ffi::F32> b,
-                  ffi::ResultBufferR2<ffi::F32> c, bool transpose_a, bool transpose_b) {
+ffi::Error Product(ffi::ThreadPool& pool, ffi::BufferR2<ffi::F32>& a, ffi::BufferR2<ffi::F32>& b,
+                   ffi::ResultBufferR2<ffi::F32>& c, bool transpose_a, bool transpose_b,
+                   const OutputPass* ep) {
   auto ad = a.dimensions(), bd = b.dimensions();
   int64_t m = transpose_a ? ad[1] : ad[0], k = transpose_a ? ad[0] : ad[1];
   int64_t kb = transpose_b ? bd[1] : bd[0], n = transpose_b ? bd[0] : bd[1];
@@ -101,7 +120,10 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::BufferR2<ffi::F32> a, ffi::BufferR2
   View av(a.typed_data(), ad[1], transpose_a), bv(b.typed_data(), bd[1], transpose_b);
   float* out = c->typed_data();
   if (k == 0) {
-    std::memset(out, 0, m * n * sizeof(float));
+    for (int64_t e = 0; e < m * n; ++e) {
+      int64_t q = e % n;
+      out[e] = ep ? BiasActAffine(0.f, ep->bias[q], ep->scale[q], ep->shift[q], ep->relu) : 0.f;
+    }
     return ffi::Error::Success();
   }
   // Depth block by depth block: op(b)'s block is packed once (by all threads) and then shared by
@@ -123,12 +145,31 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::BufferR2<ffi::F32> a, ffi::BufferR2
         const float* bp = packed_b.get() + jr * kc * kNr;
         for (int64_t ir = 0; ir < mc; ir += kMr) {
           Kernel(kc, ap + ir * kc, bp, out + (m0 + ir) * n + jr * kNr, n, std::min(kMr, mc - ir),
-                 std::min(kNr, n - jr * kNr), p0 == 0);
+                 std::min(kNr, n - jr * kNr), p0 == 0, p0 + kc == k ? ep : nullptr, jr * kNr);
         }
       }
     });
   }
   return ffi::Error::Success();
+}
+
+ffi::Error Matmul(ffi::ThreadPool pool, ffi::BufferR2<ffi::F32> a, ffi::BufferR2<ffi::F32> b,
+                  ffi::ResultBufferR2<ffi::F32> c, bool transpose_a, bool transpose_b) {
+  return Product(pool, a, b, c, transpose_a, transpose_b, nullptr);
+}
+
+ffi::Error MatmulBiasActAffine(ffi::ThreadPool pool, ffi::BufferR2<ffi::F32> a,
+                               ffi::BufferR2<ffi::F32> b, ffi::BufferR1<ffi::F32> bias,
+                               ffi::BufferR1<ffi::F32> scale, ffi::BufferR1<ffi::F32> shift,
+                               ffi::ResultBufferR2<ffi::F32> c, bool relu) {
+  int64_t n = b.dimensions()[1];
+  for (auto* v : {&bias, &scale, &shift}) {
+    if (v->dimensions()[0] != n) {
+      return ffi::Error::InvalidArgument("matmul: bias, scale and shift must have b's columns");
+    }
+  }
+  OutputPass ep{bias.typed_data(), scale.typed_data(), shift.typed_data(), relu};
+  return Product(pool, a, b, c, false, false, &ep);
 }
 
 }  // namespace
@@ -142,3 +183,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Matmul, convmixer::Matmul,
                                   .Ret<ffi::BufferR2<ffi::F32>>()
                                   .Attr<bool>("transpose_a")
                                   .Attr<bool>("transpose_b"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MatmulBiasActAffine, convmixer::MatmulBiasActAffine,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::BufferR2<ffi::F32>>()
+                                  .Arg<ffi::BufferR2<ffi::F32>>()
+                                  .Arg<ffi::BufferR1<ffi::F32>>()
+                                  .Arg<ffi::BufferR1<ffi::F32>>()
+                                  .Arg<ffi::BufferR1<ffi::F32>>()
+                                  .Ret<ffi::BufferR2<ffi::F32>>()
+                                  .Attr<bool>("relu"));

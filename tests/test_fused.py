@@ -1,0 +1,113 @@
+"""The fused inference layers (`fused.py`) against the same layers written out with XLA's conv and
+dot: values and gradients; the eval-mode model that uses them."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import convmixer_jax
+from convmixer_jax import fused
+from convmixer_jax.actnorm import activate
+from convmixer_jax.depthwise import depthwise_conv
+
+
+def _arrays(seed, *shapes):
+    rng = np.random.default_rng(seed)
+    return [jnp.asarray(rng.standard_normal(shape), jnp.float32) for shape in shapes]
+
+
+def _depthwise_reference(x, kernel, bias, scale, shift, activation):
+    y = depthwise_conv(x, kernel, impl="xla") + bias
+    return x + activate(y, activation) * scale + shift
+
+
+def _pointwise_reference(x, w, bias, scale, shift, activation):
+    y = jnp.einsum("...c,cd->...d", x, w, precision="highest") + bias
+    return activate(y, activation) * scale + shift
+
+
+def _value_and_grads(f, activation, operands, g):
+    out, vjp = jax.vjp(lambda *a: f(*a, activation), *operands)
+    return (out, *vjp(g))
+
+
+def _check(fused_fn, reference, activation, operands, out_shape):
+    (g,) = _arrays(9, out_shape)
+    got = jax.jit(_value_and_grads, static_argnums=(0, 1))(fused_fn, activation, operands, g)
+    want = jax.jit(_value_and_grads, static_argnums=(0, 1))(reference, activation, operands, g)
+    names = ("out", "d_x", "d_weight", "d_bias", "d_scale", "d_shift")
+    for name, a, b in zip(names, got, want, strict=True):
+        assert a.shape == b.shape and a.dtype == b.dtype, name
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-4, err_msg=name)
+
+
+# (N, H, W, C, k): a partial 32-channel block, an even kernel, rows of 8 columns and a tail.
+@pytest.mark.parametrize("activation", ["relu", "identity"])
+@pytest.mark.parametrize("shape", [(2, 9, 11, 40, 5), (3, 5, 6, 8, 4), (1, 10, 17, 64, 7)])
+def test_depthwise_layer(shape, activation):
+    n, h, w, c, k = shape
+    operands = _arrays(0, (n, h, w, c), (k, k, 1, c), (c,), (c,), (c,))
+    _check(fused.depthwise_layer, _depthwise_reference, activation, operands, (n, h, w, c))
+
+
+# (x shape, output channels): tails of the 6 x 16 register tile, several 768-deep blocks (the
+# output pass must run only after the last), several 96-row tasks.
+@pytest.mark.parametrize("activation", ["relu", "identity"])
+@pytest.mark.parametrize("shape,d", [((13, 20), 37), ((2, 50, 800), 50), ((300, 64), 48)])
+def test_pointwise_layer(shape, d, activation):
+    operands = _arrays(1, shape, (shape[-1], d), (d,), (d,), (d,))
+    operands[1] = operands[1] / np.sqrt(shape[-1])
+    _check(fused.pointwise_layer, _pointwise_reference, activation, operands, (*shape[:-1], d))
+
+
+def test_gelu_is_refused():
+    x, w, v = _arrays(2, (4, 8), (8, 8), (8,))
+    with pytest.raises(ValueError, match="activation relu or identity, not 'gelu'"):
+        fused.pointwise_layer(x, w, v, v, v, "gelu")
+
+
+def test_fold_batch_norm_matches_eval_batch_norm():
+    norm = nnx.BatchNorm(6, epsilon=1e-5, use_running_average=True, rngs=nnx.Rngs(0))
+    scale, bias, mean, var, y = _arrays(3, (6,), (6,), (6,), (6,), (5, 6))
+    norm.scale[...], norm.bias[...], norm.mean[...], norm.var[...] = scale, bias, mean, var**2
+    s, t = fused.fold_batch_norm(scale, bias, mean, var**2, 1e-5)
+    np.testing.assert_allclose(y * s + t, norm(y), rtol=1e-5, atol=1e-5)
+
+
+def _eval_logits_and_hlo(activation, impl):
+    model = convmixer_jax.create_model(
+        "convmixer_tiny",
+        num_classes=5,
+        width=40,
+        depth=3,
+        activation=activation,
+        depthwise_impl=impl,
+        pointwise_impl=impl,
+        rngs=nnx.Rngs(3),
+    )
+    # Non-trivial running statistics: one train-mode forward.
+    x = jnp.asarray(np.random.default_rng(4).normal(size=(4, 12, 12, 3)), jnp.float32)
+    model(x * 2 + 1, train=True)
+    graphdef, state = nnx.split(model)
+    forward = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x, train=False))
+    return forward(state, x), forward.lower(state, x).as_text()
+
+
+def test_eval_model_uses_fused_layers():
+    logits, hlo = _eval_logits_and_hlo("relu", "native")
+    want, _ = _eval_logits_and_hlo("relu", "xla")
+    np.testing.assert_allclose(logits, want, rtol=1e-4, atol=1e-4)
+    assert hlo.count(native_target("DEPTHWISE_LAYER")) == 3  # one per block: unrolled, no scan
+    assert hlo.count(native_target("POINTWISE_LAYER")) == 3 + 1  # and the stem
+    # GELU keeps the unfused kernels and the scan.
+    _, gelu_hlo = _eval_logits_and_hlo("gelu", "native")
+    assert native_target("POINTWISE_LAYER") not in gelu_hlo
+    assert native_target("MATMUL") in gelu_hlo and "stablehlo.while" in gelu_hlo
+
+
+def native_target(name):
+    return f"custom_call @{getattr(fused.native, name)}("
