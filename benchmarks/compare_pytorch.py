@@ -1,4 +1,4 @@
-"""Times the same ConvMixer in PyTorch and in JAX, one after the other in one process.
+"""Times the same ConvMixer in PyTorch and in JAX, in turns in one process.
 
     python benchmarks/compare_pytorch.py --config configs/cifar10.py --batch_size 128 \
         --image_size 32 [--model NAME] [--dtype float32|bfloat16]
@@ -12,11 +12,12 @@ backward, gradient clipping if the config clips, AdamW with the config's hyper-p
 inference forward (eval-mode BatchNorm, no gradients) on the same random batch, same size, same
 dtype (PyTorch's bfloat16 is autocast). PyTorch runs eagerly in NCHW and in channels_last, and with
 `--compile` also under `torch.compile` (skipped with the reason where it fails). JAX runs through
-`convmixer_jax.benchmark.benchmark_model`. PyTorch's intra-op threads are set to the cores this
+`convmixer_jax.benchmark.prepare_model`. PyTorch's intra-op threads are set to the cores this
 process may use (XLA's CPU client sizes its pool the same way); PyTorch and JAX never run at the
-same time. Timings exclude warm-up and compilation and are the median of `--repeats` runs of
-`--steps` steps. Prints a table, then as its last line one JSON object with both sides' images/s
-and the ratios JAX / PyTorch.
+same time. Timings exclude warm-up and compilation and are the median of `--repeats` rounds; each
+round times `--steps` steps of every contender in turn (PyTorch's layouts, then JAX; train, then
+inference), so a slow spell of the machine falls on all of them. Prints a table, then as its last
+line one JSON object with both sides' images/s and the ratios JAX / PyTorch.
 """
 
 from __future__ import annotations
@@ -27,9 +28,7 @@ import importlib.util
 import json
 import os
 import pathlib
-import statistics
 import sys
-import time
 from collections.abc import Callable
 
 import jax
@@ -41,11 +40,12 @@ from torch import nn
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from convmixer_jax import convert, models, pointwise, train  # noqa: E402
-from convmixer_jax.benchmark import benchmark_model  # noqa: E402
+from convmixer_jax.benchmark import interleaved_seconds, model_figures, prepare_model  # noqa: E402
 from convmixer_jax.depthwise import resolve_impl  # noqa: E402
 from tests.torch_convmixer import TimmConvMixer  # noqa: E402
 
 LAYOUTS = ("nchw", "channels_last")
+KINDS = ("train", "infer")
 _JAX_KEYS = ("train_images_per_sec", "infer_images_per_sec", "compile_seconds", "device_kind")
 
 
@@ -78,18 +78,6 @@ def torch_model(config: ml_collections.ConfigDict) -> TimmConvMixer:
 # PyTorch timings
 
 
-def _median_seconds(fn: Callable[[], object], steps: int, repeats: int) -> float:
-    """Median over `repeats` of the mean wall time of `steps` calls (after one warm-up call)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(steps):
-            fn()
-        times.append((time.perf_counter() - start) / steps)
-    return statistics.median(times)
-
-
 def _optimizer(model: nn.Module, config: ml_collections.ConfigDict) -> torch.optim.AdamW:
     """AdamW as `convmixer_jax.optim`: decay on >= 2-D parameters unless weight_decay_all."""
     params = list(model.parameters())
@@ -104,16 +92,11 @@ def _optimizer(model: nn.Module, config: ml_collections.ConfigDict) -> torch.opt
     )  # fmt: skip
 
 
-def benchmark_torch(
-    config: ml_collections.ConfigDict,
-    *,
-    layout: str,
-    compile: bool,
-    steps: int,
-    repeats: int,
-) -> dict:
-    """images/s of a PyTorch train step and inference forward in `layout` ('nchw' or
-    'channels_last'), eager or under torch.compile."""
+def prepare_torch(
+    config: ml_collections.ConfigDict, *, layout: str, compile: bool
+) -> tuple[Callable[[], object], Callable[[], object]]:
+    """A PyTorch train step and inference forward in `layout` ('nchw' or 'channels_last'), eager
+    or under torch.compile, each run once (warm-up; compilation for torch.compile)."""
     model = torch_model(config)
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     model = model.to(memory_format=fmt)
@@ -144,12 +127,9 @@ def benchmark_torch(
         with torch.inference_mode(), autocast:
             return run(images)
 
-    train_seconds = _median_seconds(train_once, steps, repeats)
-    infer_seconds = _median_seconds(infer_once, steps, repeats)
-    return {
-        "train_images_per_sec": batch_size / train_seconds,
-        "infer_images_per_sec": batch_size / infer_seconds,
-    }
+    train_once()
+    infer_once()
+    return train_once, infer_once
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,23 +152,35 @@ def compare(
     layouts: tuple[str, ...] = LAYOUTS,
     compile: bool = False,
 ) -> dict:
-    """PyTorch (each layout, eager then compiled if asked), then JAX; figures and ratios."""
-    torch_results: dict[str, dict] = {}
+    """PyTorch (each layout, eager then compiled if asked) and JAX, timed in turns; figures and
+    ratios."""
+    contenders: dict[str, tuple] = {}
     skipped: dict[str, str] = {}
     for mode in ("eager", "compile") if compile else ("eager",):
         for layout in layouts:
             name = f"{mode}_{layout}"
             try:
-                torch_results[name] = benchmark_torch(
-                    config, layout=layout, compile=mode == "compile", steps=steps, repeats=repeats
-                )
+                contenders[name] = prepare_torch(config, layout=layout, compile=mode == "compile")
             except Exception as e:  # noqa: BLE001  (torch.compile's failures have many types)
                 if mode == "eager":
                     raise
                 skipped[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-    jax_result = benchmark_model(config, steps=steps, repeats=repeats)
+    jax_run = prepare_model(config)
+    contenders["jax"] = (jax_run["train_once"], jax_run["infer_once"])
+    fns = {
+        (name, kind): fn
+        for name, pair in contenders.items()
+        for kind, fn in zip(KINDS, pair, strict=True)
+    }
+    seconds = interleaved_seconds(fns, steps, repeats)
+    jax_result = model_figures(config, jax_run, seconds["jax", "train"], seconds["jax", "infer"])
+    torch_results = {
+        name: {f"{kind}_images_per_sec": config.batch_size / seconds[name, kind] for kind in KINDS}
+        for name in contenders
+        if name != "jax"
+    }
     ratios = {}
-    for kind in ("train", "infer"):
+    for kind in KINDS:
         key = f"{kind}_images_per_sec"
         ours = jax_result[key]
         eager = {n: r[key] for n, r in torch_results.items() if n.startswith("eager_")}

@@ -54,15 +54,24 @@ PEAK_TFLOPS = {
 
 
 def median_seconds(fn, steps: int, repeats: int) -> float:
-    """Median over `repeats` of the wall time of `steps` calls of fn (outputs blocked on)."""
-    times = []
+    """Median over `repeats` of the wall time per call of `steps` calls of fn (outputs blocked
+    on)."""
+    return interleaved_seconds({"fn": fn}, steps, repeats)["fn"]
+
+
+def interleaved_seconds(fns: dict, steps: int, repeats: int) -> dict:
+    """Per name, the median over `repeats` rounds of the wall time per call of `steps` calls of
+    that fn (outputs blocked on: jax arrays or anything else). Each round runs every fn in turn,
+    so a slow spell of a shared machine falls on all of them rather than on one."""
+    times = {name: [] for name in fns}
     for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(steps):
-            out = fn()
-        jax.block_until_ready(out)
-        times.append((time.perf_counter() - start) / steps)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            for _ in range(steps):
+                out = fn()
+            jax.block_until_ready(out)
+            times[name].append((time.perf_counter() - start) / steps)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def _peak_memory(compiled) -> int | None:
@@ -79,6 +88,17 @@ def _peak_memory(compiled) -> int | None:
 
 def benchmark_model(config, *, steps: int, repeats: int, peak_tflops: float = 0.0) -> dict:
     """Times the jitted, sharded train step and the eval forward pass on all devices."""
+    run = prepare_model(config)
+    seconds = interleaved_seconds(
+        {"train": run["train_once"], "infer": run["infer_once"]}, steps, repeats
+    )
+    return model_figures(config, run, seconds["train"], seconds["infer"], peak_tflops)
+
+
+def prepare_model(config) -> dict:
+    """The compiled, warmed-up train step and eval forward on all devices, as `train_once` and
+    `infer_once` (each runs one batch), with `compile_seconds` and `peak_memory_bytes` of the
+    train step."""
     from convmixer_jax import models, optim, sharding, train
     from convmixer_jax import steps as steps_lib
 
@@ -135,9 +155,22 @@ def benchmark_model(config, *, steps: int, repeats: int, peak_tflops: float = 0.
 
     for fn in (train_once, infer_once):  # warm-up
         jax.block_until_ready(fn())
-    train_seconds = median_seconds(train_once, steps, repeats)
-    infer_seconds = median_seconds(infer_once, steps, repeats)
+    return {
+        "train_once": train_once,
+        "infer_once": infer_once,
+        "compile_seconds": compile_seconds,
+        "peak_memory_bytes": _peak_memory(compiled),
+    }
 
+
+def model_figures(
+    config, run: dict, train_seconds: float, infer_seconds: float, peak_tflops: float = 0.0
+) -> dict:
+    """The JSON record of `prepare_model`'s `run` at these seconds per batch."""
+    from convmixer_jax import models
+
+    arch = models.config_architecture(config.model)
+    num_classes, size, batch_size = arch["num_classes"], config.image_size, config.batch_size
     flops = models.forward_flops(
         **{k: arch[k] for k in ("width", "depth", "kernel_size", "patch_size")},
         num_classes=num_classes,
@@ -159,8 +192,8 @@ def benchmark_model(config, *, steps: int, repeats: int, peak_tflops: float = 0.
         "model_flops_per_image": flops,
         "train_tflops_per_sec": train_tflops,
         "mfu": train_tflops / peak if peak else None,
-        "compile_seconds": compile_seconds,
-        "peak_memory_bytes": _peak_memory(compiled),
+        "compile_seconds": run["compile_seconds"],
+        "peak_memory_bytes": run["peak_memory_bytes"],
         "device_kind": device_kind,
         "device_count": jax.device_count(),
     }

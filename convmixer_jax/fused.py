@@ -1,16 +1,17 @@
-"""ConvMixer's two layers in inference, each as one call of the CPU kernels.
+"""ConvMixer's layers in inference, each as one call of the CPU kernels.
 
 In eval mode BatchNorm is a per-channel affine map (running statistics), so a mixer block is
 
     x = x + act(depthwise(x) + b1) * s1 + t1
     y = act(x @ w + b2) * s2 + t2
 
-With the native kernels each line is one custom call (`csrc/depthwise_cpu.cc`'s
-DepthwiseResidualActAffine, `csrc/matmul_cpu.cc`'s MatmulBiasActAffine) that applies bias,
-activation, the folded BatchNorm and the residual to each output tile while it is still in
-registers, where otherwise XLA would make two more passes over the activations per block.
-ConvMixer-768/32's inference forward (batch 8, 224 px, float32, 2-core AMD EPYC VM) spent
-~245 ms of ~3.5 s in those passes, measured with `jax.profiler` on the jitted eval forward.
+and the stem is the second line on the image's flattened p x p patches. With the native kernels
+each line is one custom call (`csrc/depthwise_cpu.cc`'s DepthwiseResidualActAffine,
+`csrc/matmul_cpu.cc`'s MatmulBiasActAffine) that applies bias, activation, the folded BatchNorm
+and the residual to each output tile while it is still in registers, where otherwise XLA makes
+two more passes over the activations per block. Profiling ConvMixer-768/32's jitted inference
+forward (batch 8, 224 px, float32, 2-core AMD EPYC VM; `XLA_FLAGS=--xla_cpu_enable_xprof_traceme=
+true` and `jax.profiler.trace`) showed ~245 ms of ~3.5 s in those passes.
 
 Activations: ReLU and the identity (the exact GELU stays with XLA's vectorised erf). Gradients,
 where asked for, are those of the same layers written out with the unfused kernels.
