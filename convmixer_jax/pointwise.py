@@ -15,8 +15,8 @@ Implementations (`impl=`):
 ConvMixer-768/32's pointwise product (8192 x 768 @ 768 x 768, float32, jax 0.10.2, 2-core AMD
 EPYC VM; median of 5, two rounds; the VM's timings move 10-20% from run to run):
 `python benchmarks/pointwise.py`
-  product  x @ w     native 68-71 ms, xla 80-101 ms
-  d/dx     g @ w^T   native 65-67 ms, xla 77-81 ms
+  product  x @ w     native 63-76 ms, xla 87-98 ms
+  d/dx     g @ w^T   native 63-68 ms, xla 85-98 ms
 With the kernel computing x^T @ g as well, d/dw took 70-124 ms against XLA's 67-81 ms, so the
 weight gradient is XLA's dot.
 """
