@@ -4,8 +4,7 @@
         --image_size 32 [--model NAME] [--dtype float32|bfloat16]
         [--depthwise_impl auto|xla|shift|native] [--pointwise_impl auto|xla|native]
         [--remat none|block|dots] [--width W] [--depth D] [--kernel_size K] [--patch_size P]
-        [--scan|--no-scan] [--steps N] [--repeats R] [--threads T] [--malloc keep|default]
-        [--compile]
+        [--scan|--no-scan] [--steps N] [--repeats R] [--threads T] [--compile]
 
 Both sides run a full training step (forward, cross-entropy with the config's label smoothing,
 backward, gradient clipping if the config clips, AdamW with the config's hyper-parameters) and an
@@ -16,14 +15,15 @@ dtype (PyTorch's bfloat16 is autocast). PyTorch runs eagerly in NCHW and in chan
 process may use (XLA's CPU client sizes its pool the same way); PyTorch and JAX never run at the
 same time. Timings exclude warm-up and compilation and are the median of `--repeats` rounds; each
 round times `--steps` steps of every contender in turn (PyTorch's layouts, then JAX; train, then
-inference), so a slow spell of the machine falls on all of them. Prints a table, then as its last
-line one JSON object with both sides' images/s and the ratios JAX / PyTorch.
+inference), so a slow spell of the machine falls on all of them. Like the package's commands it
+runs under `convmixer_jax.hostmem`'s malloc settings (both frameworks allocate through glibc;
+CONVMIXER_MALLOC=default runs it without them). Prints a table, then as its last line one JSON
+object with both sides' images/s and the ratios JAX / PyTorch.
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import importlib.util
 import json
 import os
@@ -39,7 +39,7 @@ from torch import nn
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from convmixer_jax import convert, models, pointwise, train  # noqa: E402
+from convmixer_jax import convert, hostmem, models, pointwise, train  # noqa: E402
 from convmixer_jax.benchmark import interleaved_seconds, model_figures, prepare_model  # noqa: E402
 from convmixer_jax.depthwise import resolve_impl  # noqa: E402
 from tests.torch_convmixer import TimmConvMixer  # noqa: E402
@@ -225,21 +225,6 @@ def _table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def keep_freed_memory() -> None:
-    """Makes glibc's malloc keep freed memory in the process for reuse (both frameworks use it).
-
-    Both allocate their activations afresh every step (XLA one temp buffer per execution, PyTorch
-    one per tensor), and glibc serves and frees such large blocks with mmap/munmap, so every step
-    touches gigabytes of new pages: on this VM the page faults cost as much as the arithmetic. One
-    arena (M_ARENA_MAX=1), no mmap (M_MMAP_MAX=0) and no trimming (M_TRIM_THRESHOLD=-1) make
-    freed blocks come back without faults, like the caching allocators GPU frameworks use.
-    """
-    libc = ctypes.CDLL("libc.so.6")
-    for option, value in ((-8, 1), (-4, 0), (-1, -1)):  # M_ARENA_MAX, M_MMAP_MAX, M_TRIM_THRESHOLD
-        if libc.mallopt(option, value) != 1:
-            raise OSError(f"mallopt({option}, {value}) failed")
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="a config file in configs/")
@@ -264,10 +249,6 @@ def main(argv: list[str] | None = None) -> dict:
         "--scan", action=argparse.BooleanOptionalAction, default=None,
         help="JAX model.scan (default: the config's)",
     )  # fmt: skip
-    parser.add_argument(
-        "--malloc", default="default", choices=("keep", "default"),
-        help="keep: glibc keeps freed memory for reuse (see keep_freed_memory); default: as is",
-    )  # fmt: skip
     parser.add_argument("--compile", action="store_true", help="also time torch.compile")
     args = parser.parse_args(argv)
 
@@ -290,13 +271,11 @@ def main(argv: list[str] | None = None) -> dict:
         config.model.remat = args.remat
     if args.scan is not None:
         config.model.scan = args.scan
-    if args.malloc == "keep":
-        keep_freed_memory()
     torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
 
     load_before = os.getloadavg()
     result = compare(config, steps=args.steps, repeats=args.repeats, compile=args.compile)
-    result["malloc"] = args.malloc
+    result["malloc"] = hostmem.mode()
     result["load_average_before"] = [round(x, 2) for x in load_before]
     result["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     print(
@@ -314,4 +293,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+    hostmem.reexec_tuned()
     main()

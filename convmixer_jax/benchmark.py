@@ -26,6 +26,8 @@ from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
+from convmixer_jax import hostmem
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a config file in configs/.")
 flags.DEFINE_integer("batch_size", 0, "Global batch size (0: the config's).")
@@ -196,6 +198,7 @@ def model_figures(
         "peak_memory_bytes": run["peak_memory_bytes"],
         "device_kind": device_kind,
         "device_count": jax.device_count(),
+        "malloc": hostmem.mode(),
     }
 
 
@@ -324,4 +327,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    hostmem.reexec_tuned()
     app.run(main)

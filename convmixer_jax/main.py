@@ -9,6 +9,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from convmixer_jax import hostmem
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a config file in configs/.")
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and TensorBoard events.")
@@ -86,4 +88,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    hostmem.reexec_tuned()
     app.run(main)

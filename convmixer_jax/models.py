@@ -199,24 +199,20 @@ class MixerBlock(nnx.Module):
         self.activation = activation
 
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        if not train and self.fuses(x.dtype):
+        if not train and self.native(x.dtype):
             return self._fused_eval(x)
         x = x + self.norm1.activated(self.depthwise(x), self.activation, train)
         return self.norm2.activated(self.pointwise(x), self.activation, train)
 
     def native(self, dtype) -> bool:
-        """Whether both convs run on the CPU kernels for `dtype` inputs (float32 only)."""
+        """Whether both convs run on the CPU kernels for `dtype` inputs (float32 only); eval mode
+        then runs each layer as one fused kernel call (`fused.py`)."""
         dtype = self.depthwise.dtype or dtype
         return (
             jnp.dtype(dtype) == jnp.float32
             and depthwise.resolve_impl(self.depthwise.impl) == "native"
             and pointwise.resolve_impl(self.pointwise.impl, dtype) == "native"
         )
-
-    def fuses(self, dtype) -> bool:
-        """Whether eval mode on `dtype` inputs runs as the native kernels' fused layers
-        (`fused.py`): both convs native, ReLU or identity."""
-        return self.native(dtype) and fused.supported(self.activation)
 
     def _fused_eval(self, x: jax.Array) -> jax.Array:
         dw, pw = self.depthwise, self.pointwise
@@ -357,7 +353,7 @@ class ConvMixer(nnx.Module):
                 f"image size {height}x{width} is not divisible by patch size {self.patch_size}; "
                 "use an image_size that is a multiple of it"
             )
-        if not train and self.blocks[0].fuses(self.dtype or images.dtype):
+        if not train and self.blocks[0].native(self.dtype or images.dtype):
             x = self._fused_stem(images.astype(jnp.float32))
         else:
             x = self.stem(images.astype(self.dtype))

@@ -22,7 +22,7 @@ import numpy as np
 import tensorflow as tf
 from flax import nnx
 
-from convmixer_jax import checkpointing, models, pretrained
+from convmixer_jax import checkpointing, hostmem, models, pretrained
 from convmixer_jax.convert import add_model_arguments, model_arguments
 from convmixer_jax.data.input_pipeline import eval_preprocess
 
@@ -148,4 +148,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    hostmem.reexec_tuned()
     sys.exit(main())

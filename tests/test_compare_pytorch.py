@@ -12,7 +12,7 @@ import torch
 from flax import nnx
 
 from conftest import ROOT
-from convmixer_jax import models
+from convmixer_jax import hostmem, models
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +53,7 @@ def test_main_prints_both_figures_and_ratios(compare, capsys):
     compare.main(
         ["--config", f"{ROOT}/configs/cifar10.py", "--model", "convmixer_tiny",
          "--width", "16", "--depth", "1", "--kernel_size", "3", "--batch_size", "8",
-         "--image_size", "8", "--steps", "1", "--repeats", "1", "--malloc", "default"]
+         "--image_size", "8", "--steps", "1", "--repeats", "1"]
     )  # fmt: skip
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert (out["model"], out["width"], out["depth"], out["batch_size"]) == (
@@ -72,3 +72,4 @@ def test_main_prints_both_figures_and_ratios(compare, capsys):
         for name, r in out["pytorch"].items():
             assert ratios[f"{kind}_vs"][name] == pytest.approx(out["jax"][key] / r[key])
     assert len(out["load_average_before"]) == 3 and out["torch_threads"] >= 1
+    assert out["malloc"] == hostmem.mode()

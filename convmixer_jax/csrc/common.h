@@ -44,21 +44,63 @@ typedef float v8u __attribute__((vector_size(32), aligned(4)));
 inline v8 LoadU(const float* p) { return *reinterpret_cast<const v8u*>(p); }
 inline void StoreU(float* p, v8 v) { *reinterpret_cast<v8u*>(p) = v; }
 
-// The per-channel output pass of an inference-mode ConvMixer layer: act(v + bias) * scale + shift,
-// act ReLU or the identity (BatchNorm with its running statistics folded into scale and shift).
+// Activations of the output pass, by the code the Python side passes (fused.ACTIVATIONS).
+enum Act : int64_t { kIdentity = 0, kRelu = 1, kGelu = 2 };
+
+// e^x for x in [-40, 0]: x = n ln2 + r with |r| <= ln2 / 2, e^r by its Taylor series to r^7
+// (relative error < 1e-8 there), 2^n put into the exponent bits.
+inline v8 ExpNonPositive(v8 x) {
+  typedef int32_t v8i __attribute__((vector_size(32)));
+  const v8 round = v8{} + 12582912.f;  // 1.5 * 2^23: adding and subtracting it rounds to integer
+  v8 n = (x * 1.44269504f + round) - round;
+  v8 r = (x - n * 0.693145752f) - n * 1.42860677e-6f;  // ln 2 in two parts, the first exact
+  v8 p = v8{} + 1.f / 5040;
+  for (float c : {1.f / 720, 1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f}) p = p * r + c;
+  v8i bits = (__builtin_convertvector(n, v8i) + 127) << 23;
+  return p * (v8)bits;  // a vector cast keeps the bits
+}
+
+// The exact GELU y * Phi(y) = y/2 * erfc(-y / sqrt 2), with erfc(x) for x >= 0 as
+// t (a1 + t (a2 + ... + t a5)) e^(-x^2), t = 1 / (1 + p x) (Abramowitz & Stegun 7.1.26, absolute
+// error < 1.5e-7), and erfc(-x) = 2 - erfc(x).
+inline v8 Gelu(v8 y) {
+  v8 x = (y > v8{} ? y : -y) * 0.707106781f;
+  x = x < 6.f ? x : v8{} + 6.f;  // erfc(6) ~ 2e-17: beyond float
+  v8 t = 1.f / (1.f + 0.3275911f * x);
+  v8 q = v8{} + 1.061405429f;
+  for (float c : {-1.453152027f, 1.421413741f, -0.284496736f, 0.254829592f}) q = q * t + c;
+  q = q * t * ExpNonPositive(-x * x);
+  return 0.5f * y * (y > v8{} ? 2.f - q : q);
+}
+
+inline ffi::Error CheckAct(int64_t act) {
+  if (act < kIdentity || act > kGelu) {
+    return ffi::Error::InvalidArgument("act must be 0 (identity), 1 (ReLU) or 2 (GELU)");
+  }
+  return ffi::Error::Success();
+}
+
+inline v8 Activate(v8 v, int64_t act) {
+  if (act == kRelu) return v > v8{} ? v : v8{};
+  if (act == kGelu) return Gelu(v);
+  return v;
+}
+inline float Activate(float v, int64_t act) {
+  v8 lanes = v8{} + v;  // the vector form, so every column gets the same function
+  return Activate(lanes, act)[0];
+}
+
+// The per-channel output pass of an inference-mode ConvMixer layer: act(v + bias) * scale + shift
+// (BatchNorm with its running statistics folded into scale and shift).
 struct OutputPass {
   const float *bias, *scale, *shift;  // one per channel
-  bool relu;
+  int64_t act;
 };
-inline v8 BiasActAffine(v8 v, v8 bias, v8 scale, v8 shift, bool relu) {
-  v += bias;
-  if (relu) v = v > v8{} ? v : v8{};
-  return v * scale + shift;
+inline v8 BiasActAffine(v8 v, v8 bias, v8 scale, v8 shift, int64_t act) {
+  return Activate(v + bias, act) * scale + shift;
 }
-inline float BiasActAffine(float v, float bias, float scale, float shift, bool relu) {
-  v += bias;
-  if (relu) v = std::max(v, 0.f);
-  return v * scale + shift;
+inline float BiasActAffine(float v, float bias, float scale, float shift, int64_t act) {
+  return Activate(v + bias, act) * scale + shift;
 }
 
 // Runs f(0..n-1) on the caller and up to pool.num_threads()-1 pool threads. Indices are claimed

@@ -4,9 +4,9 @@
 //   pad_lo zero rows/columns before and k-1-pad_lo after. The input gradient is the same call on
 //   the cotangent with the flipped kernel and mirrored padding.
 // DepthwiseWeightGrad: dw[i,j,c] = sum_{n,h,w} pad(x)[n,h+i,w+j,c] * g[n,h,w,c].
-// DepthwiseResidualActAffine: x + act(y + bias) * scale + shift, per channel, ReLU or the
-//   identity: a ConvMixer block's residual depthwise layer with its inference-mode BatchNorm, in
-//   the forward kernel's output pass.
+// DepthwiseResidualActAffine: x + act(y + bias) * scale + shift, per channel, act the identity,
+//   ReLU or the exact GELU (attribute `act`, common.h's Act codes): a ConvMixer block's residual
+//   depthwise layer with its inference-mode BatchNorm, in the forward kernel's output pass.
 //
 // Work is split into tasks of one block of kBlock channels for a group of images; for each image
 // a task copies its slice into a zero-padded, 32-byte aligned tile (so the inner loops have no
@@ -47,7 +47,7 @@ void FillPadded(const Geometry& g, const float* img, int64_t c0, int64_t width, 
 // x + act(y + bias) * scale + shift, the residual x read from the tile.
 template <int WB>
 inline void ForwardColumns(const Geometry& g, const float* tile, const float* wt, int64_t cp,
-                           int64_t r, int64_t w0, int64_t v, const float* pass, bool relu,
+                           int64_t r, int64_t w0, int64_t v, const float* pass, int64_t act,
                            float* out_row) {
   v8 acc[WB];
   for (int b = 0; b < WB; ++b) acc[b] = v8{};
@@ -65,7 +65,7 @@ inline void ForwardColumns(const Geometry& g, const float* tile, const float* wt
     v8 bias = Load(p), scale = Load(p + cp), shift = Load(p + 2 * cp);
     const float* x = tile + ((r + g.lo) * g.wp() + w0 + g.lo) * cp + v * kLanes;
     for (int b = 0; b < WB; ++b) {
-      acc[b] = Load(x + b * cp) + BiasActAffine(acc[b], bias, scale, shift, relu);
+      acc[b] = Load(x + b * cp) + BiasActAffine(acc[b], bias, scale, shift, act);
     }
   }
   for (int b = 0; b < WB; ++b) Store(out_row + (w0 + b) * cp + v * kLanes, acc[b]);
@@ -90,18 +90,18 @@ void ForwardTask(const Geometry& g, const float* x, const float* kernel, const O
     }
   }
   const float* block_pass = pass != nullptr ? params.get() : nullptr;
-  bool relu = pass != nullptr && pass->relu;
+  int64_t act = pass != nullptr ? pass->act : kIdentity;
   for (int64_t img = first; img < last; ++img) {
     FillPadded(g, x + img * g.h * g.w * g.c, c0, width, cp, g.lo, tile.get());
     for (int64_t r = 0; r < g.h; ++r) {
       for (int64_t v = 0; v < cp / kLanes; ++v) {
         int64_t w0 = 0;
         for (; w0 + 8 <= g.w; w0 += 8) {
-          ForwardColumns<8>(g, tile.get(), wt.get(), cp, r, w0, v, block_pass, relu,
+          ForwardColumns<8>(g, tile.get(), wt.get(), cp, r, w0, v, block_pass, act,
                               out_row.get());
         }
         for (; w0 < g.w; ++w0) {
-          ForwardColumns<1>(g, tile.get(), wt.get(), cp, r, w0, v, block_pass, relu,
+          ForwardColumns<1>(g, tile.get(), wt.get(), cp, r, w0, v, block_pass, act,
                               out_row.get());
         }
       }
@@ -214,13 +214,15 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::BufferR4<ffi::F32> x, ffi::BufferR
 ffi::Error ResidualActAffine(ffi::ThreadPool pool, ffi::BufferR4<ffi::F32> x,
                              ffi::BufferR3<ffi::F32> kernel, ffi::BufferR1<ffi::F32> bias,
                              ffi::BufferR1<ffi::F32> scale, ffi::BufferR1<ffi::F32> shift,
-                             ffi::ResultBufferR4<ffi::F32> y, int64_t pad_lo, bool relu) {
+                             ffi::ResultBufferR4<ffi::F32> y, int64_t pad_lo,
+                             int64_t act) {
+  if (auto err = CheckAct(act); err.failure()) return err;
   for (auto* v : {&bias, &scale, &shift}) {
     if (v->dimensions()[0] != x.dimensions()[3]) {
       return ffi::Error::InvalidArgument("depthwise: bias, scale and shift must have x's channels");
     }
   }
-  OutputPass pass{bias.typed_data(), scale.typed_data(), shift.typed_data(), relu};
+  OutputPass pass{bias.typed_data(), scale.typed_data(), shift.typed_data(), act};
   return Convolve(pool, x, kernel, &pass, y, pad_lo);
 }
 
@@ -280,4 +282,4 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DepthwiseResidualActAffine, convmixer::ResidualAct
                                   .Arg<ffi::BufferR1<ffi::F32>>()
                                   .Ret<ffi::BufferR4<ffi::F32>>()
                                   .Attr<int64_t>("pad_lo")
-                                  .Attr<bool>("relu"));
+                                  .Attr<int64_t>("act"));

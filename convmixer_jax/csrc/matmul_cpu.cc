@@ -3,7 +3,7 @@
 // Matmul: c = op(a) @ op(b), op transposing an operand where its attribute says so, with
 // op(a) (M, K) and op(b) (K, N); all arrays row-major. The three products of a pointwise conv
 // (x @ w, g @ w^T, x^T @ g) are all this call.
-// MatmulBiasActAffine: act(a @ b + bias) * scale + shift, per column, ReLU or the identity: a
+// MatmulBiasActAffine: act(a @ b + bias) * scale + shift, per column (act as in common.h): a
 // pointwise conv, its activation and its inference-mode BatchNorm in one pass over the output.
 //
 // The usual blocked scheme, one block of kKc depth at a time: that block of op(b) is packed into
@@ -78,7 +78,7 @@ inline void Kernel(int64_t kc, const float* a, int64_t lda, const float* b, floa
       v8 bias = LoadU(ep->bias + col), scale = LoadU(ep->scale + col);
       v8 shift = LoadU(ep->shift + col);
       for (int r = 0; r < kMr; ++r) {
-        acc[r][h] = BiasActAffine(acc[r][h], bias, scale, shift, ep->relu);
+        acc[r][h] = BiasActAffine(acc[r][h], bias, scale, shift, ep->act);
       }
     }
     for (int r = 0; r < kMr; ++r) {
@@ -101,7 +101,7 @@ inline void Kernel(int64_t kc, const float* a, int64_t lda, const float* b, floa
     }
     for (int64_t q = 0; q < cols && ep != nullptr; ++q) {
       int64_t col = col0 + q;
-      row[q] = BiasActAffine(row[q], ep->bias[col], ep->scale[col], ep->shift[col], ep->relu);
+      row[q] = BiasActAffine(row[q], ep->bias[col], ep->scale[col], ep->shift[col], ep->act);
     }
   }
 }
@@ -121,7 +121,7 @@ ffi::Error Product(ffi::ThreadPool& pool, ffi::BufferR2<ffi::F32>& a, ffi::Buffe
   if (k == 0) {
     for (int64_t e = 0; e < m * n; ++e) {
       int64_t q = e % n;
-      out[e] = ep ? BiasActAffine(0.f, ep->bias[q], ep->scale[q], ep->shift[q], ep->relu) : 0.f;
+      out[e] = ep ? BiasActAffine(0.f, ep->bias[q], ep->scale[q], ep->shift[q], ep->act) : 0.f;
     }
     return ffi::Error::Success();
   }
@@ -167,14 +167,15 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::BufferR2<ffi::F32> a, ffi::BufferR2
 ffi::Error MatmulBiasActAffine(ffi::ThreadPool pool, ffi::BufferR2<ffi::F32> a,
                                ffi::BufferR2<ffi::F32> b, ffi::BufferR1<ffi::F32> bias,
                                ffi::BufferR1<ffi::F32> scale, ffi::BufferR1<ffi::F32> shift,
-                               ffi::ResultBufferR2<ffi::F32> c, bool relu) {
+                               ffi::ResultBufferR2<ffi::F32> c, int64_t act) {
+  if (auto err = CheckAct(act); err.failure()) return err;
   int64_t n = b.dimensions()[1];
   for (auto* v : {&bias, &scale, &shift}) {
     if (v->dimensions()[0] != n) {
       return ffi::Error::InvalidArgument("matmul: bias, scale and shift must have b's columns");
     }
   }
-  OutputPass ep{bias.typed_data(), scale.typed_data(), shift.typed_data(), relu};
+  OutputPass ep{bias.typed_data(), scale.typed_data(), shift.typed_data(), act};
   return Product(pool, a, b, c, false, false, &ep);
 }
 
@@ -199,4 +200,4 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MatmulBiasActAffine, convmixer::MatmulBiasActAffin
                                   .Arg<ffi::BufferR1<ffi::F32>>()
                                   .Arg<ffi::BufferR1<ffi::F32>>()
                                   .Ret<ffi::BufferR2<ffi::F32>>()
-                                  .Attr<bool>("relu"));
+                                  .Attr<int64_t>("act"));
