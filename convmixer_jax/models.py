@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from convmixer_jax import depthwise, fused, pointwise
+from convmixer_jax import actnorm, depthwise, fused, pointwise
 from convmixer_jax.actnorm import ACTIVATIONS, act_batch_norm, activate
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -97,31 +97,56 @@ class GroupBatchNorm(nnx.BatchNorm):
     With `group_size` > 0 each run of `group_size` consecutive images of the batch is normalised
     with its own mean and (biased) variance, as one GPU's batch is with unsynced BatchNorm; the
     running statistics move towards the mean over groups of those. 0: the whole batch (sync-BN).
-    Channels-last inputs only. `activated(y, act, train)` is self(act(y)) with the activation
-    folded into the normalisation's hand-written backward pass (`convmixer_jax.actnorm`).
+    Channels-last inputs only. `activated(y, act, train, shift, residual)` is
+    self(act(y + shift)) + residual with the activation folded into the normalisation's
+    hand-written backward pass (`convmixer_jax.actnorm`, whose implementation `impl` names).
     """
 
-    def __init__(self, num_features: int, *, group_size: int = 0, **kwargs):
+    def __init__(self, num_features: int, *, group_size: int = 0, impl: str = "auto", **kwargs):
         super().__init__(num_features, **kwargs)
         self.group_size = group_size
+        self.impl = impl
 
     def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
         if use_running_average is None:
             use_running_average = self.use_running_average
         return self.activated(x, "identity", train=not use_running_average)
 
-    def activated(self, y: jax.Array, activation: str, train: bool) -> jax.Array:
+    def activated(
+        self,
+        y: jax.Array,
+        activation: str,
+        train: bool,
+        shift: jax.Array | None = None,
+        residual: jax.Array | None = None,
+    ) -> jax.Array:
+        dtype = self.dtype or y.dtype
+        if shift is None:
+            shift = jnp.zeros((y.shape[-1],), jnp.float32)
         if not train:
-            return super().__call__(activate(y, activation), use_running_average=True)
+            out = super().__call__(
+                activate(y + shift.astype(y.dtype), activation), use_running_average=True
+            )
+            return out if residual is None else residual + out
         batch = y.shape[0]
         group = self.group_size or batch
         if batch % group:
             raise ValueError(f"bn_group_size {group} does not divide the batch of {batch} images")
-        groups = y.astype(self.dtype or y.dtype).reshape(batch // group, group, *y.shape[1:])
+
+        def grouped(v):
+            return v.astype(dtype).reshape(batch // group, group, *y.shape[1:])
+
         out, mean, var = act_batch_norm(
-            groups, self.scale[...], self.bias[...], activation, self.epsilon
+            grouped(y),
+            shift.astype(jnp.float32),
+            self.scale[...],
+            self.bias[...],
+            None if residual is None else grouped(residual),
+            activation,
+            self.epsilon,
+            actnorm.resolve_impl(self.impl, dtype),
         )
-        over_groups = tuple(range(groups.ndim - 1))
+        over_groups = tuple(range(mean.ndim - 1))
         for running, value in ((self.mean, mean), (self.var, var)):
             update = self.momentum * running[...] + (1 - self.momentum) * value.mean(over_groups)
             running[...] = jax.lax.stop_gradient(update)
@@ -134,10 +159,18 @@ class GroupBatchNorm(nnx.BatchNorm):
         )
 
 
-def _batch_norm(width: int, dtype, rngs: nnx.Rngs, group_size: int = 0) -> GroupBatchNorm:
+def _batch_norm(
+    width: int, dtype, rngs: nnx.Rngs, group_size: int = 0, impl: str = "auto"
+) -> GroupBatchNorm:
     # PyTorch momentum 0.1 is Flax momentum 0.9.
     return GroupBatchNorm(
-        width, group_size=group_size, momentum=0.9, epsilon=1e-5, dtype=dtype, rngs=rngs
+        width,
+        group_size=group_size,
+        impl=impl,
+        momentum=0.9,
+        epsilon=1e-5,
+        dtype=dtype,
+        rngs=rngs,
     )
 
 
@@ -152,10 +185,11 @@ class DepthwiseConv(nnx.Module):
         self.impl = impl
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        """The convolution without its bias, which the normalisation after it adds (the `shift`
+        of `GroupBatchNorm.activated`)."""
         dtype = self.dtype or x.dtype
         kernel = self.kernel[...].astype(dtype)
-        y = depthwise.depthwise_conv(x.astype(dtype), kernel, impl=self.impl)
-        return y + self.bias[...].astype(dtype)
+        return depthwise.depthwise_conv(x.astype(dtype), kernel, impl=self.impl)
 
 
 class PointwiseConv(nnx.Module):
@@ -169,10 +203,11 @@ class PointwiseConv(nnx.Module):
         self.impl = impl
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        """The 1x1 convolution without its bias, which the normalisation after it adds (the `shift`
+        of `GroupBatchNorm.activated`)."""
         dtype = self.dtype or x.dtype
         kernel = self.kernel[...][0, 0].astype(dtype)
-        y = pointwise.pointwise(x.astype(dtype), kernel, impl=self.impl)
-        return y + self.bias[...].astype(dtype)
+        return pointwise.pointwise(x.astype(dtype), kernel, impl=self.impl)
 
 
 class MixerBlock(nnx.Module):
@@ -193,16 +228,18 @@ class MixerBlock(nnx.Module):
         self.depthwise = DepthwiseConv(
             width, kernel_size, dtype=dtype, impl=depthwise_impl, rngs=rngs
         )
-        self.norm1 = _batch_norm(width, dtype, rngs, bn_group_size)
+        # The normalisations run on the CPU kernels where the pointwise product does.
+        self.norm1 = _batch_norm(width, dtype, rngs, bn_group_size, pointwise_impl)
         self.pointwise = PointwiseConv(width, dtype=dtype, impl=pointwise_impl, rngs=rngs)
-        self.norm2 = _batch_norm(width, dtype, rngs, bn_group_size)
+        self.norm2 = _batch_norm(width, dtype, rngs, bn_group_size, pointwise_impl)
         self.activation = activation
 
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         if not train and self.native(x.dtype):
             return self._fused_eval(x)
-        x = x + self.norm1.activated(self.depthwise(x), self.activation, train)
-        return self.norm2.activated(self.pointwise(x), self.activation, train)
+        dw, pw = self.depthwise, self.pointwise
+        x = self.norm1.activated(dw(x), self.activation, train, dw.bias[...], x)
+        return self.norm2.activated(pw(x), self.activation, train, pw.bias[...])
 
     def native(self, dtype) -> bool:
         """Whether both convs run on the CPU kernels for `dtype` inputs (float32 only); eval mode
@@ -322,7 +359,7 @@ class ConvMixer(nnx.Module):
         self.scan = scan
         self.remat = remat
         self.stem = _conv(in_channels, width, patch_size, patch_size, dtype, rngs)
-        self.stem_norm = _batch_norm(width, dtype, rngs, bn_group_size)
+        self.stem_norm = _batch_norm(width, dtype, rngs, bn_group_size, pointwise_impl)
         self.blocks = nnx.List(
             [
                 MixerBlock(
@@ -353,8 +390,8 @@ class ConvMixer(nnx.Module):
                 f"image size {height}x{width} is not divisible by patch size {self.patch_size}; "
                 "use an image_size that is a multiple of it"
             )
-        if not train and self.blocks[0].native(self.dtype or images.dtype):
-            x = self._fused_stem(images.astype(jnp.float32))
+        if self.blocks[0].native(self.dtype or images.dtype):
+            x = self._native_stem(images.astype(jnp.float32), train)
         else:
             x = self.stem(images.astype(self.dtype))
             x = self.stem_norm.activated(x, self.activation, train)
@@ -362,20 +399,23 @@ class ConvMixer(nnx.Module):
         pooled = jnp.mean(x.astype(jnp.float32), axis=(-3, -2))
         return self.head(pooled)
 
-    def _fused_stem(self, images: jax.Array) -> jax.Array:
-        """The eval-mode stem as one fused kernel call: non-overlapping p x p patches (flattened
-        in the conv kernel's (row, column, channel) order) times the kernel, then bias, act and
-        the folded BatchNorm. XLA's strided conv took ~55-70 ms of ConvMixer-768/32's inference."""
+    def _native_stem(self, images: jax.Array, train: bool) -> jax.Array:
+        """The stem on the CPU kernels: non-overlapping p x p patches (flattened in the conv
+        kernel's (row, column, channel) order) times the kernel, then bias, act and BatchNorm; in
+        eval mode one fused kernel call with the folded BatchNorm. XLA's strided conv took ~55-70
+        ms of ConvMixer-768/32's inference, and its weight gradient ~38 ms of ConvMixer-256/8's
+        train step (batch 128)."""
         n, h, w, c = images.shape
         p = self.patch_size
         patches = images.reshape(n, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+        patches = patches.reshape(n, h // p, w // p, p * p * c)
         kernel = self.stem.kernel[...].reshape(p * p * c, -1)
+        bias = self.stem.bias[...]
+        if train:
+            y = pointwise.pointwise(patches, kernel, impl="native")
+            return self.stem_norm.activated(y, self.activation, True, bias)
         return fused.pointwise_layer(
-            patches.reshape(n, h // p, w // p, p * p * c),
-            kernel,
-            self.stem.bias[...],
-            *self.stem_norm.folded(),
-            self.activation,
+            patches, kernel, bias, *self.stem_norm.folded(), self.activation
         )
 
 

@@ -1,4 +1,5 @@
-"""Build and register the CPU kernels in `csrc/`: depthwise convolution and matrix product.
+"""Build and register the CPU kernels in `csrc/`: depthwise convolution, matrix product and
+train-mode activation + BatchNorm.
 
 The kernels are XLA FFI handlers. They are compiled on first use with the system C++ compiler
 (`$CXX`, else `c++`) against the FFI headers shipped with jaxlib, with `-march=native`, into a
@@ -28,13 +29,15 @@ import jax.ffi
 import jax.numpy as jnp
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = (CSRC / "depthwise_cpu.cc", CSRC / "matmul_cpu.cc")
+SOURCES = (CSRC / "depthwise_cpu.cc", CSRC / "matmul_cpu.cc", CSRC / "actnorm_cpu.cc")
 HEADERS = (CSRC / "common.h",)
 FORWARD = "convmixer_depthwise_forward"
 WEIGHT_GRAD = "convmixer_depthwise_weight_grad"
 MATMUL = "convmixer_matmul"
 DEPTHWISE_LAYER = "convmixer_depthwise_residual_act_affine"
 POINTWISE_LAYER = "convmixer_matmul_bias_act_affine"
+ACTNORM_FORWARD = "convmixer_act_batch_norm_forward"
+ACTNORM_BACKWARD = "convmixer_act_batch_norm_backward"
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno")
 
 
@@ -113,6 +116,12 @@ def load() -> None:
     jax.ffi.register_ffi_target(
         POINTWISE_LAYER, jax.ffi.pycapsule(lib.MatmulBiasActAffine), platform="cpu"
     )
+    jax.ffi.register_ffi_target(
+        ACTNORM_FORWARD, jax.ffi.pycapsule(lib.ActNormForward), platform="cpu"
+    )
+    jax.ffi.register_ffi_target(
+        ACTNORM_BACKWARD, jax.ffi.pycapsule(lib.ActNormBackward), platform="cpu"
+    )
 
 
 @functools.cache
@@ -141,9 +150,13 @@ def check_backend(kind: str) -> None:
         raise ValueError(f"{kind} impl 'native' runs on CPU only; use 'auto' or 'xla'")
 
 
-def call(target: str, shape: tuple[int, ...], *operands: jax.Array, **attrs) -> jax.Array:
-    """Kernel `target` on the operands cast to float32: a float32 array of `shape`."""
+def call(target: str, shape, *operands: jax.Array, **attrs):
+    """Kernel `target` on the operands cast to float32: a float32 array of `shape`, or a tuple of
+    them where `shape` is a list of shapes."""
     load()
-    out = jax.ShapeDtypeStruct(shape, jnp.float32)
+    if isinstance(shape, list):
+        out = tuple(jax.ShapeDtypeStruct(s, jnp.float32) for s in shape)
+    else:
+        out = jax.ShapeDtypeStruct(shape, jnp.float32)
     kernel = jax.ffi.ffi_call(target, out, vmap_method="sequential")
     return kernel(*(x.astype(jnp.float32) for x in operands), **attrs)

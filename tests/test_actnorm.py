@@ -1,4 +1,5 @@
-"""act_batch_norm: values, statistics and hand-written gradients equal plain autodiff."""
+"""act_batch_norm: values, statistics and hand-written gradients equal plain autodiff, for the
+jax.numpy version and the CPU kernels."""
 
 from __future__ import annotations
 
@@ -7,18 +8,20 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from convmixer_jax.actnorm import act_batch_norm, activate
+from convmixer_jax.actnorm import act_batch_norm, activate, resolve_impl
 
 
-def _reference(y, scale, bias, kind, eps):
+def _reference(y, shift, scale, bias, residual, kind, eps):
     """act then BatchNorm per group (axis 0), written plainly and left to autodiff."""
     a = {"gelu": lambda v: jax.nn.gelu(v, approximate=False), "relu": jax.nn.relu}.get(
         kind, lambda v: v
-    )(y.astype(jnp.float32))
+    )(y.astype(jnp.float32) + shift)
     axes = tuple(range(1, y.ndim - 1))
     mean = a.mean(axes, keepdims=True)
     var = a.var(axes, keepdims=True)
     out = (a - mean) / jnp.sqrt(var + eps) * scale + bias
+    if residual is not None:
+        out = out + residual
     return out.astype(y.dtype), mean, var
 
 
@@ -26,43 +29,99 @@ def _inputs(shape, dtype, seed=0):
     rng = np.random.default_rng(seed)
     c = shape[-1]
     y = jnp.asarray(rng.normal(0.3, 1.5, shape), dtype)
+    shift = jnp.asarray(rng.normal(0, 0.5, c), jnp.float32)
     scale = jnp.asarray(rng.uniform(0.5, 1.5, c), jnp.float32)
     bias = jnp.asarray(rng.normal(size=c), jnp.float32)
+    residual = jnp.asarray(rng.normal(size=shape), dtype)
     probe = jnp.asarray(rng.normal(size=shape), jnp.float32)  # a loss that depends on every output
-    return y, scale, bias, probe
+    return y, shift, scale, bias, residual, probe
 
 
+IMPLS = ["xla", "native"]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("with_residual", [False, True])
 @pytest.mark.parametrize("kind", ["gelu", "relu", "identity"])
-@pytest.mark.parametrize("shape", [(1, 6, 5, 5, 7), (3, 4, 3, 3, 8)])
-def test_values_statistics_and_gradients_match_autodiff(kind, shape):
-    y, scale, bias, probe = _inputs(shape, jnp.float32)
-    got = act_batch_norm(y, scale, bias, kind, 1e-5)
-    want = _reference(y, scale, bias, kind, 1e-5)
+@pytest.mark.parametrize("shape", [(1, 6, 5, 5, 7), (3, 4, 3, 3, 8), (2, 70, 2, 1, 20)])
+def test_values_statistics_and_gradients_match_autodiff(impl, with_residual, kind, shape):
+    y, shift, scale, bias, residual, probe = _inputs(shape, jnp.float32)
+    residual = residual if with_residual else None
+    got = act_batch_norm(y, shift, scale, bias, residual, kind, 1e-5, impl)
+    want = _reference(y, shift, scale, bias, residual, kind, 1e-5)
     for g, w in zip(got, want, strict=True):
+        assert g.shape == w.shape
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
 
-    def loss(fn):
-        return lambda y, s, b: jnp.sum(fn(y, s, b, kind, 1e-5)[0] * probe)
+    def loss(fn, *extra):
+        return lambda *args: jnp.sum(fn(*args, kind, 1e-5, *extra)[0] * probe)
 
-    got_grads = jax.grad(loss(act_batch_norm), argnums=(0, 1, 2))(y, scale, bias)
-    want_grads = jax.grad(loss(_reference), argnums=(0, 1, 2))(y, scale, bias)
+    argnums = (0, 1, 2, 3, 4) if with_residual else (0, 1, 2, 3)
+    args = (y, shift, scale, bias, residual)
+    got_grads = jax.grad(loss(act_batch_norm, impl), argnums=argnums)(*args)
+    want_grads = jax.grad(loss(_reference), argnums=argnums)(*args)
     for g, w in zip(got_grads, want_grads, strict=True):
         assert g.shape == w.shape
-        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4 * float(jnp.abs(w).max()))
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4 * max(1.0, float(jnp.abs(w).max())))
     assert float(jnp.abs(got_grads[0]).max()) > 1e-3  # the input gradient is not trivially zero
 
 
 def test_bfloat16_input_keeps_float32_statistics_and_dtype():
-    y, scale, bias, probe = _inputs((2, 8, 4, 4, 6), jnp.bfloat16)
-    out, mean, var = act_batch_norm(y, scale, bias, "gelu", 1e-5)
+    y, shift, scale, bias, residual, probe = _inputs((2, 8, 4, 4, 6), jnp.bfloat16)
+    out, mean, var = act_batch_norm(y, shift, scale, bias, residual, "gelu", 1e-5)
     assert out.dtype == jnp.bfloat16 and mean.dtype == var.dtype == jnp.float32
-    want = _reference(y, scale, bias, "gelu", 1e-5)
+    want = _reference(y, shift, scale, bias, residual, "gelu", 1e-5)
     np.testing.assert_allclose(mean, want[1], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(out.astype(jnp.float32), want[0].astype(jnp.float32), atol=0.05)
     grads = jax.grad(
-        lambda y, s: jnp.sum(act_batch_norm(y, s, bias, "gelu", 1e-5)[0] * probe), argnums=(0, 1)
-    )(y, scale)
-    assert grads[0].dtype == jnp.bfloat16 and grads[1].dtype == jnp.float32
+        lambda y, s, r: jnp.sum(act_batch_norm(y, shift, s, bias, r, "gelu", 1e-5)[0] * probe),
+        argnums=(0, 1, 2),
+    )(y, scale, residual)
+    assert grads[0].dtype == grads[2].dtype == jnp.bfloat16 and grads[1].dtype == jnp.float32
+
+
+def test_native_statistics_of_a_large_offset_batch():
+    """Sums over 65536 rows of values near 1000 (float sums per block, double across blocks)."""
+    rng = np.random.default_rng(1)
+    y = jnp.asarray(rng.normal(1000.0, 0.5, (1, 65536, 16)), jnp.float32)
+    zeros, ones = jnp.zeros(16), jnp.ones(16)
+    _, mean, var = act_batch_norm(y, zeros, ones, zeros, None, "identity", 1e-5, "native")
+    y64 = np.asarray(y, np.float64)
+    np.testing.assert_allclose(mean[0, 0], y64.mean(1)[0], rtol=1e-7)
+    np.testing.assert_allclose(var[0, 0], y64.var(1)[0], rtol=1e-5)
+
+
+def test_native_is_deterministic():
+    y, shift, scale, bias, residual, probe = _inputs((1, 64, 8, 8, 24), jnp.float32)
+    grad = jax.jit(
+        jax.grad(
+            lambda y: jnp.sum(
+                act_batch_norm(y, shift, scale, bias, residual, "gelu", 1e-5, "native")[0] * probe
+            )
+        )
+    )
+    first = np.asarray(grad(y))
+    for _ in range(3):
+        np.testing.assert_array_equal(np.asarray(grad(y)), first)
+
+
+def test_resolve_impl(monkeypatch):
+    assert resolve_impl("auto", jnp.float32) == "xla"  # 8 simulated devices
+    monkeypatch.setattr(jax, "device_count", lambda: 1)
+    assert resolve_impl("auto", jnp.float32) == "native"
+    assert resolve_impl("auto", jnp.bfloat16) == "xla"
+    assert resolve_impl("xla", jnp.float32) == "xla"
+    with pytest.raises(ValueError, match="unknown act_batch_norm impl 'fast'; choose auto"):
+        resolve_impl("fast", jnp.float32)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    with pytest.raises(ValueError, match="act_batch_norm impl 'native' runs on CPU only"):
+        resolve_impl("native", jnp.float32)
+
+
+def test_native_rejects_mismatched_parameters():
+    y, shift, scale, bias, _, _ = _inputs((1, 2, 3, 3, 8), jnp.float32)
+    with pytest.raises(Exception, match="actnorm: shift, scale and bias need one per channel"):
+        act_batch_norm(y, shift[:4], scale, bias, None, "gelu", 1e-5, "native")
 
 
 def test_activate_rejects_unknown_kind():

@@ -60,18 +60,23 @@ inline v8 ExpNonPositive(v8 x) {
   return p * (v8)bits;  // a vector cast keeps the bits
 }
 
-// The exact GELU y * Phi(y) = y/2 * erfc(-y / sqrt 2), with erfc(x) for x >= 0 as
+// The standard normal CDF Phi(y) = erfc(-y / sqrt 2) / 2, with erfc(x) for x >= 0 as
 // t (a1 + t (a2 + ... + t a5)) e^(-x^2), t = 1 / (1 + p x) (Abramowitz & Stegun 7.1.26, absolute
-// error < 1.5e-7), and erfc(-x) = 2 - erfc(x).
-inline v8 Gelu(v8 y) {
+// error < 1.5e-7), and erfc(-x) = 2 - erfc(x). `gauss` gets e^(-y^2 / 2) (for |y| < 6 sqrt 2).
+inline v8 NormalCdf(v8 y, v8* gauss) {
   v8 x = (y > v8{} ? y : -y) * 0.707106781f;
   x = x < 6.f ? x : v8{} + 6.f;  // erfc(6) ~ 2e-17: beyond float
   v8 t = 1.f / (1.f + 0.3275911f * x);
   v8 q = v8{} + 1.061405429f;
   for (float c : {-1.453152027f, 1.421413741f, -0.284496736f, 0.254829592f}) q = q * t + c;
-  q = q * t * ExpNonPositive(-x * x);
-  return 0.5f * y * (y > v8{} ? 2.f - q : q);
+  v8 e = ExpNonPositive(-x * x);
+  q = q * t * e;
+  if (gauss != nullptr) *gauss = e;
+  return y > v8{} ? 1.f - 0.5f * q : 0.5f * q;
 }
+
+// The exact GELU y * Phi(y).
+inline v8 Gelu(v8 y) { return y * NormalCdf(y, nullptr); }
 
 inline ffi::Error CheckAct(int64_t act) {
   if (act < kIdentity || act > kGelu) {
@@ -88,6 +93,22 @@ inline v8 Activate(v8 v, int64_t act) {
 inline float Activate(float v, int64_t act) {
   v8 lanes = v8{} + v;  // the vector form, so every column gets the same function
   return Activate(lanes, act)[0];
+}
+
+// act(v) and its derivative act'(v); GELU's is Phi(v) + v e^(-v^2 / 2) / sqrt(2 pi).
+inline v8 ActivateWithGrad(v8 v, int64_t act, v8* grad) {
+  if (act == kRelu) {
+    *grad = v > v8{} ? v8{} + 1.f : v8{};
+    return v > v8{} ? v : v8{};
+  }
+  if (act == kGelu) {
+    v8 gauss;
+    v8 cdf = NormalCdf(v, &gauss);
+    *grad = cdf + v * gauss * 0.398942280f;
+    return v * cdf;
+  }
+  *grad = v8{} + 1.f;
+  return v;
 }
 
 // The per-channel output pass of an inference-mode ConvMixer layer: act(v + bias) * scale + shift
