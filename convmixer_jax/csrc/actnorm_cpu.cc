@@ -26,15 +26,26 @@ struct Shape {
 };
 
 // Channels c0..c0+n-1 (n <= 8) of a row, the missing lanes zero.
-inline v8 LoadPart(const float* p, int64_t n) {
+template <typename N>
+inline v8 LoadPart(const float* p, N n) {
   if (n == kLanes) return LoadU(p);
   v8 v{};
   for (int64_t i = 0; i < n; ++i) v[i] = p[i];
   return v;
 }
-inline void StorePart(float* p, v8 v, int64_t n) {
+template <typename N>
+inline void StorePart(float* p, v8 v, N n) {
   if (n == kLanes) return StoreU(p, v);
   for (int64_t i = 0; i < n; ++i) p[i] = v[i];
+}
+
+// Calls f(c0, n) for the vectors of a row of c channels: n is the constant kLanes for whole
+// vectors (so their loads and stores compile to plain vector ones), then the remainder if any.
+template <typename F>
+inline void ForVectors(int64_t c, const F& f) {
+  int64_t c0 = 0;
+  for (; c0 + kLanes <= c; c0 += kLanes) f(c0, std::integral_constant<int64_t, kLanes>{});
+  if (c0 < c) f(c0, c - c0);
 }
 
 // Runs body(group, offset of the block's first element, rows, partial) over every row block on
@@ -101,25 +112,26 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::BufferR3<ffi::F32> y, ffi::BufferR
   std::vector<double> totals;
   // Sums of a - p and (a - p)^2 with p the block's first row, so that a large mean does not
   // cancel the variance; sum a and sum a^2 follow in double.
+  WithAct(act, [&](auto kind) {
   BlockSums(pool, s, 2, totals, [&](int64_t, int64_t offset, int64_t rows, double* partial) {
     Tile sums = Sums(3 * c);
     float *sum = sums.get(), *square = sum + c, *pivot = sum + 2 * c;
     for (int64_t r = 0; r < rows; ++r) {
       const float* row = yp + offset + r * c;
-      for (int64_t c0 = 0; c0 < c; c0 += kLanes) {
-        int64_t n = std::min(kLanes, c - c0);
-        v8 a = Activate(LoadPart(row + c0, n) + LoadPart(sh + c0, n), act);
+      ForVectors(c, [&](int64_t c0, auto n) {
+        v8 a = Activate(LoadPart(row + c0, n) + LoadPart(sh + c0, n), kind);
         if (r == 0) StoreU(pivot + c0, a);
         v8 d = a - LoadU(pivot + c0);
         StoreU(sum + c0, LoadU(sum + c0) + d);
         StoreU(square + c0, LoadU(square + c0) + d * d);
-      }
+      });
     }
     for (int64_t j = 0; j < c; ++j) {
       double p = pivot[j];
       partial[j] = sum[j] + rows * p;
       partial[c + j] = square[j] + 2 * p * sum[j] + rows * p * p;
     }
+  });
   });
   // Per group and channel: out = a * k + t.
   std::vector<float> k(s.groups * c), t(s.groups * c);
@@ -137,17 +149,18 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::BufferR3<ffi::F32> y, ffi::BufferR
   }
   const float* res = has_residual ? residual.typed_data() : nullptr;
   float* op = out->typed_data();
+  WithAct(act, [&](auto kind) {
   Blocks(pool, s, [&](int64_t offset, int64_t rows, int64_t g) {
     for (int64_t r = 0; r < rows; ++r) {
       int64_t at = offset + r * c;
-      for (int64_t c0 = 0; c0 < c; c0 += kLanes) {
-        int64_t n = std::min(kLanes, c - c0);
-        v8 a = Activate(LoadPart(yp + at + c0, n) + LoadPart(sh + c0, n), act);
+      ForVectors(c, [&](int64_t c0, auto n) {
+        v8 a = Activate(LoadPart(yp + at + c0, n) + LoadPart(sh + c0, n), kind);
         v8 v = a * LoadPart(&k[g * c + c0], n) + LoadPart(&t[g * c + c0], n);
         if (res != nullptr) v += LoadPart(res + at + c0, n);
         StorePart(op + at + c0, v, n);
-      }
+      });
     }
+  });
   });
   return ffi::Error::Success();
 }
@@ -171,22 +184,23 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::BufferR3<ffi::F32> y, ffi::Buffer
   const float *yp = y.typed_data(), *gp = g.typed_data(), *sh = shift.typed_data();
   const float* st = stats.typed_data();
   std::vector<double> gx;  // per group: sum g, sum g * x_hat
+  WithAct(act, [&](auto kind) {
   BlockSums(pool, s, 2, gx, [&](int64_t grp, int64_t offset, int64_t rows, double* partial) {
     const float *mean = st + grp * 2 * c, *rstd = mean + c;
     Tile sums = Sums(2 * c);
     float* acc = sums.get();
     for (int64_t r = 0; r < rows; ++r) {
       int64_t at = offset + r * c;
-      for (int64_t c0 = 0; c0 < c; c0 += kLanes) {
-        int64_t n = std::min(kLanes, c - c0);
-        v8 a = Activate(LoadPart(yp + at + c0, n) + LoadPart(sh + c0, n), act);
+      ForVectors(c, [&](int64_t c0, auto n) {
+        v8 a = Activate(LoadPart(yp + at + c0, n) + LoadPart(sh + c0, n), kind);
         v8 x_hat = (a - LoadPart(mean + c0, n)) * LoadPart(rstd + c0, n);
         v8 gv = LoadPart(gp + at + c0, n);
         StoreU(acc + c0, LoadU(acc + c0) + gv);
         StoreU(acc + c + c0, LoadU(acc + c + c0) + gv * x_hat);
-      }
+      });
     }
     std::copy(acc, acc + 2 * c, partial);
+  });
   });
   // d_a = A g + B a + D per group and channel, A = scale rstd, B = -A rstd sum(g x_hat) / m,
   // D = -A sum(g) / m - B mean.
@@ -203,24 +217,25 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::BufferR3<ffi::F32> y, ffi::Buffer
   }
   float* dp = dy->typed_data();
   std::vector<double> dshift;
+  WithAct(act, [&](auto kind) {
   BlockSums(pool, s, 1, dshift, [&](int64_t grp, int64_t offset, int64_t rows, double* partial) {
     const float *a_ = &ca[grp * c], *b_ = &cb[grp * c], *d_ = &cd[grp * c];
     Tile sums = Sums(c);
     float* acc = sums.get();
     for (int64_t r = 0; r < rows; ++r) {
       int64_t at = offset + r * c;
-      for (int64_t c0 = 0; c0 < c; c0 += kLanes) {
-        int64_t n = std::min(kLanes, c - c0);
+      ForVectors(c, [&](int64_t c0, auto n) {
         v8 grad;
-        v8 a = ActivateWithGrad(LoadPart(yp + at + c0, n) + LoadPart(sh + c0, n), act, &grad);
+        v8 a = ActivateWithGrad(LoadPart(yp + at + c0, n) + LoadPart(sh + c0, n), kind, &grad);
         v8 da = LoadPart(a_ + c0, n) * LoadPart(gp + at + c0, n) + LoadPart(b_ + c0, n) * a +
                 LoadPart(d_ + c0, n);
         v8 v = grad * da;
         StorePart(dp + at + c0, v, n);
         StoreU(acc + c0, LoadU(acc + c0) + v);
-      }
+      });
     }
     std::copy(acc, acc + c, partial);
+  });
   });
   float* out = sums->typed_data();
   for (int64_t grp = 0; grp < s.groups; ++grp) {

@@ -45,9 +45,9 @@ void FillPadded(const Geometry& g, const float* img, int64_t c0, int64_t width, 
 // WB output columns [w0, w0+WB) of row r, vector v of the block: WB independent accumulators.
 // With `pass` (the block's bias, scale and shift, cp lanes each) they become
 // x + act(y + bias) * scale + shift, the residual x read from the tile.
-template <int WB>
+template <int WB, typename Kind>
 inline void ForwardColumns(const Geometry& g, const float* tile, const float* wt, int64_t cp,
-                           int64_t r, int64_t w0, int64_t v, const float* pass, int64_t act,
+                           int64_t r, int64_t w0, int64_t v, const float* pass, Kind act,
                            float* out_row) {
   v8 acc[WB];
   for (int b = 0; b < WB; ++b) acc[b] = v8{};
@@ -91,26 +91,28 @@ void ForwardTask(const Geometry& g, const float* x, const float* kernel, const O
   }
   const float* block_pass = pass != nullptr ? params.get() : nullptr;
   int64_t act = pass != nullptr ? pass->act : kIdentity;
-  for (int64_t img = first; img < last; ++img) {
-    FillPadded(g, x + img * g.h * g.w * g.c, c0, width, cp, g.lo, tile.get());
-    for (int64_t r = 0; r < g.h; ++r) {
-      for (int64_t v = 0; v < cp / kLanes; ++v) {
-        int64_t w0 = 0;
-        for (; w0 + 8 <= g.w; w0 += 8) {
-          ForwardColumns<8>(g, tile.get(), wt.get(), cp, r, w0, v, block_pass, act,
-                              out_row.get());
+  WithAct(act, [&](auto kind) {
+    for (int64_t img = first; img < last; ++img) {
+      FillPadded(g, x + img * g.h * g.w * g.c, c0, width, cp, g.lo, tile.get());
+      for (int64_t r = 0; r < g.h; ++r) {
+        for (int64_t v = 0; v < cp / kLanes; ++v) {
+          int64_t w0 = 0;
+          for (; w0 + 8 <= g.w; w0 += 8) {
+            ForwardColumns<8>(g, tile.get(), wt.get(), cp, r, w0, v, block_pass, kind,
+                                out_row.get());
+          }
+          for (; w0 < g.w; ++w0) {
+            ForwardColumns<1>(g, tile.get(), wt.get(), cp, r, w0, v, block_pass, kind,
+                                out_row.get());
+          }
         }
-        for (; w0 < g.w; ++w0) {
-          ForwardColumns<1>(g, tile.get(), wt.get(), cp, r, w0, v, block_pass, act,
-                              out_row.get());
+        float* dst = y + ((img * g.h + r) * g.w) * g.c + c0;
+        for (int64_t s = 0; s < g.w; ++s) {
+          std::memcpy(dst + s * g.c, out_row.get() + s * cp, width * sizeof(float));
         }
-      }
-      float* dst = y + ((img * g.h + r) * g.w) * g.c + c0;
-      for (int64_t s = 0; s < g.w; ++s) {
-        std::memcpy(dst + s * g.c, out_row.get() + s * cp, width * sizeof(float));
       }
     }
-  }
+  });
 }
 
 // acc[(i*k+j)*cp + lanes of NV vectors] += sum_s tile[r+i, s+j] * grad[r, s] for one row r, with

@@ -52,8 +52,10 @@ void PackA(const View& a, int64_t m0, int64_t mc, int64_t p0, int64_t kc, float*
 
 // c[0:rows, 0:cols] (+)= the kMr x kNr product of kMr rows of a (lda apart) and one packed b
 // panel, then the output pass if `ep` is set (per column; col0 is the tile's first column in c).
+template <typename Kind>
 inline void Kernel(int64_t kc, const float* a, int64_t lda, const float* b, float* c, int64_t ldc,
-                   int64_t rows, int64_t cols, bool first, const OutputPass* ep, int64_t col0) {
+                   int64_t rows, int64_t cols, bool first, const OutputPass* ep, Kind act,
+                   int64_t col0) {
   v8 acc[kMr][2];
   for (int r = 0; r < kMr; ++r) acc[r][0] = acc[r][1] = v8{};
   const float* row[kMr];  // past the last row: the last row again, its results dropped
@@ -78,7 +80,7 @@ inline void Kernel(int64_t kc, const float* a, int64_t lda, const float* b, floa
       v8 bias = LoadU(ep->bias + col), scale = LoadU(ep->scale + col);
       v8 shift = LoadU(ep->shift + col);
       for (int r = 0; r < kMr; ++r) {
-        acc[r][h] = BiasActAffine(acc[r][h], bias, scale, shift, ep->act);
+        acc[r][h] = BiasActAffine(acc[r][h], bias, scale, shift, act);
       }
     }
     for (int r = 0; r < kMr; ++r) {
@@ -101,7 +103,7 @@ inline void Kernel(int64_t kc, const float* a, int64_t lda, const float* b, floa
     }
     for (int64_t q = 0; q < cols && ep != nullptr; ++q) {
       int64_t col = col0 + q;
-      row[q] = BiasActAffine(row[q], ep->bias[col], ep->scale[col], ep->shift[col], ep->act);
+      row[q] = BiasActAffine(row[q], ep->bias[col], ep->scale[col], ep->shift[col], act);
     }
   }
 }
@@ -135,25 +137,27 @@ ffi::Error Product(ffi::ThreadPool& pool, ffi::BufferR2<ffi::F32>& a, ffi::Buffe
     ParallelFor(pool, panels, [&](int64_t jr) {
       PackB(bv, p0, kc, jr, n, packed_b.get() + jr * kc * kNr);
     });
-    ParallelFor(pool, row_blocks, [&](int64_t t) {
-      int64_t m0 = t * kMc, mc = std::min(kMc, m - m0);
-      // Rows of op(a) are read in place, or from a row-major copy where op(a) is a transpose.
-      const float* ap = a.typed_data() + m0 * k + p0;
-      int64_t lda = k;
-      if (transpose_a) {
-        if (!packed_a[t]) packed_a[t] = ZeroTile(kMc * kKc);
-        PackA(av, m0, mc, p0, kc, packed_a[t].get());
-        ap = packed_a[t].get();
-        lda = kc;
-      }
-      for (int64_t jr = 0; jr < panels; ++jr) {
-        const float* bp = packed_b.get() + jr * kc * kNr;
-        for (int64_t ir = 0; ir < mc; ir += kMr) {
-          Kernel(kc, ap + ir * lda, lda, bp, out + (m0 + ir) * n + jr * kNr, n,
-                 std::min(kMr, mc - ir), std::min(kNr, n - jr * kNr), p0 == 0,
-                 p0 + kc == k ? ep : nullptr, jr * kNr);
+    WithAct(ep != nullptr ? ep->act : kIdentity, [&](auto kind) {
+      ParallelFor(pool, row_blocks, [&](int64_t t) {
+        int64_t m0 = t * kMc, mc = std::min(kMc, m - m0);
+        // Rows of op(a) are read in place, or from a row-major copy where op(a) is a transpose.
+        const float* ap = a.typed_data() + m0 * k + p0;
+        int64_t lda = k;
+        if (transpose_a) {
+          if (!packed_a[t]) packed_a[t] = ZeroTile(kMc * kKc);
+          PackA(av, m0, mc, p0, kc, packed_a[t].get());
+          ap = packed_a[t].get();
+          lda = kc;
         }
-      }
+        for (int64_t jr = 0; jr < panels; ++jr) {
+          const float* bp = packed_b.get() + jr * kc * kNr;
+          for (int64_t ir = 0; ir < mc; ir += kMr) {
+            Kernel(kc, ap + ir * lda, lda, bp, out + (m0 + ir) * n + jr * kNr, n,
+                   std::min(kMr, mc - ir), std::min(kNr, n - jr * kNr), p0 == 0,
+                   p0 + kc == k ? ep : nullptr, kind, jr * kNr);
+          }
+        }
+      });
     });
   }
   return ffi::Error::Success();
