@@ -5,6 +5,7 @@
 Each function is jit-compiled and warmed up once (compile time excluded); the figure is the median
 wall time of `--repeats` calls, each ending in `block_until_ready`. Prints a table, then one JSON
 line with the same numbers.
+Runs under `convmixer_jax.hostmem`'s malloc settings, as the package's commands do.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+from convmixer_jax import hostmem  # noqa: E402
 from convmixer_jax.benchmark import median_seconds  # noqa: E402
 from convmixer_jax.depthwise import IMPLS, depthwise_conv  # noqa: E402
 
@@ -77,4 +79,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+    hostmem.reexec_tuned()
     main()

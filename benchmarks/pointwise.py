@@ -7,6 +7,7 @@ on its own and warmed up once (compile time excluded). The figure is the median 
 `--repeats` calls, each blocked on; the implementations alternate for `--rounds` rounds, so a
 slow spell of the machine shows in every implementation's figures. Prints a table, then one JSON
 line with the same numbers.
+Runs under `convmixer_jax.hostmem`'s malloc settings, as the package's commands do.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+from convmixer_jax import hostmem  # noqa: E402
 from convmixer_jax.benchmark import median_seconds  # noqa: E402
 from convmixer_jax.pointwise import IMPLS, pointwise  # noqa: E402
 
@@ -78,4 +80,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+    hostmem.reexec_tuned()
     main()

@@ -28,6 +28,9 @@ CASES = [
     # native: several 32-channel blocks with a partial last one, rows of 8 columns plus a tail,
     # and enough images for the weight gradient to be summed over image groups.
     (5, (9, 7, 19, 70)),
+    # native: k 3 and 7 with whole 8-column runs (the kernel row held in registers)
+    (3, (2, 6, 16, 24)),
+    (7, (2, 9, 17, 40)),
 ]
 
 
