@@ -117,20 +117,20 @@ void ForwardTask(const Geometry& g, const float* x, const float* kernel, const O
         for (int64_t v = 0; v < cp / kLanes; ++v) {
           int64_t w0 = 0;
           for (; w0 + 8 <= g.w; w0 += 8) {
-          auto columns = [&](auto k) {
-            ForwardColumns<8, decltype(k)::value>(g, tile.get(), wt.get(), cp, r, w0, v,
-                                                  block_pass, kind, out_row.get());
-          };
-          switch (g.k) {  // kernel sizes whose kernel row fits in registers
-            case 3: columns(std::integral_constant<int, 3>{}); break;
-            case 5: columns(std::integral_constant<int, 5>{}); break;
-            case 7: columns(std::integral_constant<int, 7>{}); break;
-            default: columns(std::integral_constant<int, 0>{}); break;
+            auto columns = [&](auto k) {
+              ForwardColumns<8, decltype(k)::value>(g, tile.get(), wt.get(), cp, r, w0, v,
+                                                    block_pass, kind, out_row.get());
+            };
+            switch (g.k) {  // kernel sizes whose kernel row fits in registers
+              case 3: columns(std::integral_constant<int, 3>{}); break;
+              case 5: columns(std::integral_constant<int, 5>{}); break;
+              case 7: columns(std::integral_constant<int, 7>{}); break;
+              default: columns(std::integral_constant<int, 0>{}); break;
+            }
           }
-        }
-        for (; w0 < g.w; ++w0) {
+          for (; w0 < g.w; ++w0) {
             ForwardColumns<1, 0>(g, tile.get(), wt.get(), cp, r, w0, v, block_pass, kind,
-                                out_row.get());
+                                 out_row.get());
           }
         }
         float* dst = y + ((img * g.h + r) * g.w) * g.c + c0;
