@@ -97,8 +97,8 @@ inline float Activate(float v, int64_t act) {
 }
 
 // Returns f(a) with `a` the constant std::integral_constant of `act`, so that the Activate calls
-// in f compile without the branch on the activation (ConvMixer-256/8's act + BatchNorm kernels,
-// forward and backward on 32768 x 256: 31.0 against 26.8 ms with the branch).
+// in f compile without the branch on the activation (the act + BatchNorm kernels, GELU, jitted
+// forward and backward on 1 x 32768 x 256: 26.8 ms, against 31.0 ms with the branch).
 template <typename F>
 inline auto WithAct(int64_t act, const F& f) {
   if (act == kRelu) return f(std::integral_constant<int64_t, kRelu>{});
