@@ -76,9 +76,6 @@ def resolve_impl(impl: str, dtype) -> str:
     return impl
 
 
-_ACT_CODES = {"identity": 0, "relu": 1, "gelu": 2}  # csrc/common.h's Act
-
-
 def _rows(y: jax.Array) -> jax.Array:
     return y.reshape(y.shape[0], -1, y.shape[-1]).astype(jnp.float32)
 
@@ -98,7 +95,7 @@ def _forward(y, shift, scale, bias, residual, kind, eps, impl):
             scale,
             bias,
             empty if residual is None else _rows(residual),
-            act=np.int64(_ACT_CODES[kind]),
+            act=native.act_code(kind),
             eps=np.float32(eps),
         )
         mean, var = (stats[:, i].reshape(_stat_shape(y)) for i in (0, 1))
@@ -148,7 +145,7 @@ def _bwd(kind, eps, impl, res, cts):
             shift,
             scale,
             stats,
-            act=np.int64(_ACT_CODES[kind]),
+            act=native.act_code(kind),
         )
         d_shift, d_scale, d_bias = (sums[:, i].sum(0).astype(scale.dtype) for i in (0, 1, 2))
         return d_y.reshape(y.shape).astype(y.dtype), d_shift, d_scale, d_bias, d_residual

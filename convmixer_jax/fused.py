@@ -30,21 +30,11 @@ from convmixer_jax.actnorm import activate
 from convmixer_jax.depthwise import depthwise_conv, same_pads
 from convmixer_jax.pointwise import pointwise
 
-ACTIVATIONS = ("identity", "relu", "gelu")  # the kernels' `act` codes 0, 1, 2
-
 
 def fold_batch_norm(scale, bias, mean, var, eps: float) -> tuple[jax.Array, jax.Array]:
     """Eval-mode BatchNorm (y - mean) / sqrt(var + eps) * scale + bias as y * s + t."""
     s = scale * jax.lax.rsqrt(var + eps)
     return s, bias - mean * s
-
-
-def _act(activation: str) -> np.int64:
-    if activation not in ACTIVATIONS:
-        raise ValueError(
-            f"fused layers take activation {', '.join(ACTIVATIONS)}; not {activation!r}"
-        )
-    return np.int64(ACTIVATIONS.index(activation))
 
 
 def _depthwise_reference(x, kernel, bias, scale, shift, activation):
@@ -87,7 +77,7 @@ def depthwise_layer(x, kernel, bias, scale, shift, activation):
         scale,
         shift,
         pad_lo=np.int64(same_pads(k)[0]),
-        act=_act(activation),
+        act=native.act_code(activation),
     )
 
 
@@ -103,6 +93,6 @@ def pointwise_layer(x, w, bias, scale, shift, activation):
         bias,
         scale,
         shift,
-        act=_act(activation),
+        act=native.act_code(activation),
     )
     return out.reshape(*x.shape[:-1], w.shape[1])

@@ -27,6 +27,7 @@ from pathlib import Path
 import jax
 import jax.ffi
 import jax.numpy as jnp
+import numpy as np
 
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = (CSRC / "depthwise_cpu.cc", CSRC / "matmul_cpu.cc", CSRC / "actnorm_cpu.cc")
@@ -38,6 +39,8 @@ DEPTHWISE_LAYER = "convmixer_depthwise_residual_act_affine"
 POINTWISE_LAYER = "convmixer_matmul_bias_act_affine"
 ACTNORM_FORWARD = "convmixer_act_batch_norm_forward"
 ACTNORM_BACKWARD = "convmixer_act_batch_norm_backward"
+# The kernels' activations, by their `act` code (csrc/common.h's Act): 0, 1, 2.
+ACTIVATIONS = ("identity", "relu", "gelu")
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno")
 
 
@@ -122,6 +125,15 @@ def load() -> None:
     jax.ffi.register_ffi_target(
         ACTNORM_BACKWARD, jax.ffi.pycapsule(lib.ActNormBackward), platform="cpu"
     )
+
+
+def act_code(activation: str) -> np.int64:
+    """The kernels' `act` attribute for `activation`."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(
+            f"the CPU kernels take activation {', '.join(ACTIVATIONS)}; not {activation!r}"
+        )
+    return np.int64(ACTIVATIONS.index(activation))
 
 
 @functools.cache

@@ -45,7 +45,7 @@ typedef float v8u __attribute__((vector_size(32), aligned(4)));
 inline v8 LoadU(const float* p) { return *reinterpret_cast<const v8u*>(p); }
 inline void StoreU(float* p, v8 v) { *reinterpret_cast<v8u*>(p) = v; }
 
-// Activations of the output pass, by the code the Python side passes (fused.ACTIVATIONS).
+// Activations, by the code the Python side passes (native.ACTIVATIONS).
 enum Act : int64_t { kIdentity = 0, kRelu = 1, kGelu = 2 };
 
 // e^x for x in [-40, 0]: x = n ln2 + r with |r| <= ln2 / 2, e^r by its Taylor series to r^7
