@@ -48,36 +48,61 @@ inline void StoreU(float* p, v8 v) { *reinterpret_cast<v8u*>(p) = v; }
 // Activations, by the code the Python side passes (native.ACTIVATIONS).
 enum Act : int64_t { kIdentity = 0, kRelu = 1, kGelu = 2 };
 
-// e^x for x in [-40, 0]: x = n ln2 + r with |r| <= ln2 / 2, e^r by its Taylor series to r^7
-// (relative error < 1e-8 there), 2^n put into the exponent bits.
-inline v8 ExpNonPositive(v8 x) {
+// Lane-wise min and max that return b where a lane of either is NaN (one instruction on x86).
+inline v8 Min(v8 a, v8 b) {
+#ifdef __AVX__
+  return __builtin_ia32_minps256(a, b);
+#else
+  return a < b ? a : b;
+#endif
+}
+inline v8 Max(v8 a, v8 b) {
+#ifdef __AVX__
+  return __builtin_ia32_maxps256(a, b);
+#else
+  return a > b ? a : b;
+#endif
+}
+
+// e^(-a^2 / 2) for 0 <= a <= 13, as 2^u with u = -a^2 log2(e) / 2 >= -122: u = n + f with n an
+// integer and |f| <= 1/2, 2^f by a degree-6 polynomial (a Chebyshev fit, relative error 2.6e-9),
+// and 2^n put into the exponent bits.
+inline v8 Gauss(v8 a) {
   typedef int32_t v8i __attribute__((vector_size(32)));
-  const v8 round = v8{} + 12582912.f;  // 1.5 * 2^23: adding and subtracting it rounds to integer
-  v8 n = (x * 1.44269504f + round) - round;
-  v8 r = (x - n * 0.693145752f) - n * 1.42860677e-6f;  // ln 2 in two parts, the first exact
-  v8 p = v8{} + 1.f / 5040;
-  for (float c : {1.f / 720, 1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f}) p = p * r + c;
-  v8i bits = (__builtin_convertvector(n, v8i) + 127) << 23;
-  return p * (v8)bits;  // a vector cast keeps the bits
+  v8 u = a * a * -0.721347520f;
+  // Adding 1.5 * 2^23 rounds to an integer, which then sits in the low mantissa bits; the 127
+  // there is the exponent bias, so shifting those bits into the exponent field gives 2^n.
+  const v8 magic = v8{} + (12582912.f + 127.f);
+  v8 k = u + magic;
+  v8 f = u - (k - magic);
+  v8 p = v8{} + 1.54697322e-4f;
+  for (float c : {1.34004327e-3f, 9.61802527e-3f, 5.55032715e-2f, 0.240226507f, 0.693147182f, 1.f}) {
+    p = p * f + c;
+  }
+  return p * (v8)((v8i)k << 23);  // a vector cast keeps the bits
 }
 
-// The standard normal CDF Phi(y) = erfc(-y / sqrt 2) / 2, with erfc(x) for x >= 0 as
-// t (a1 + t (a2 + ... + t a5)) e^(-x^2), t = 1 / (1 + p x) (Abramowitz & Stegun 7.1.26, absolute
-// error < 1.5e-7), and erfc(-x) = 2 - erfc(x). `gauss` gets e^(-y^2 / 2) (for |y| < 6 sqrt 2).
-inline v8 NormalCdf(v8 y, v8* gauss) {
-  v8 x = (y > v8{} ? y : -y) * 0.707106781f;
-  x = x < 6.f ? x : v8{} + 6.f;  // erfc(6) ~ 2e-17: beyond float
-  v8 t = 1.f / (1.f + 0.3275911f * x);
-  v8 q = v8{} + 1.061405429f;
-  for (float c : {-1.453152027f, 1.421413741f, -0.284496736f, 0.254829592f}) q = q * t + c;
-  v8 e = ExpNonPositive(-x * x);
-  q = q * t * e;
-  if (gauss != nullptr) *gauss = e;
-  return y > v8{} ? 1.f - 0.5f * q : 0.5f * q;
+// Phi(-a) = erfc(a / sqrt 2) / 2 for 0 <= a <= 13, given gauss = e^(-a^2 / 2):
+// erfc(x) = t (a1 + t (a2 + ... + t a5)) e^(-x^2), t = 1 / (1 + p x) (Abramowitz & Stegun 7.1.26,
+// absolute error < 1.5e-7), with p / sqrt 2 and the a_i / 2 below.
+inline v8 NormalTail(v8 a, v8 gauss) {
+  v8 t = 1.f / (1.f + 0.231641889f * a);
+  v8 q = v8{} + 0.530702715f;
+  for (float c : {-0.726576014f, 0.710706871f, -0.142248368f, 0.127414796f}) q = q * t + c;
+  return q * t * gauss;
 }
 
-// The exact GELU y * Phi(y).
-inline v8 Gelu(v8 y) { return y * NormalCdf(y, nullptr); }
+// |y| clamped to 13 (Phi(-13) ~ 6e-39: beyond float); NaN stays NaN.
+inline v8 AbsClamped(v8 y) {
+  typedef int32_t v8i __attribute__((vector_size(32)));
+  return Min(v8{} + 13.f, (v8)((v8i)y & 0x7fffffff));
+}
+
+// The exact GELU y Phi(y) = max(y, 0) - |y| Phi(-|y|) (error < 1.5e-7 max(1, |y|)).
+inline v8 Gelu(v8 y) {
+  v8 a = AbsClamped(y);
+  return Max(v8{}, y) - a * NormalTail(a, Gauss(a));
+}
 
 inline ffi::Error CheckAct(int64_t act) {
   if (act < kIdentity || act > kGelu) {
@@ -87,7 +112,7 @@ inline ffi::Error CheckAct(int64_t act) {
 }
 
 inline v8 Activate(v8 v, int64_t act) {
-  if (act == kRelu) return v > v8{} ? v : v8{};
+  if (act == kRelu) return Max(v8{}, v);
   if (act == kGelu) return Gelu(v);
   return v;
 }
@@ -110,13 +135,15 @@ inline auto WithAct(int64_t act, const F& f) {
 inline v8 ActivateWithGrad(v8 v, int64_t act, v8* grad) {
   if (act == kRelu) {
     *grad = v > v8{} ? v8{} + 1.f : v8{};
-    return v > v8{} ? v : v8{};
+    return Max(v8{}, v);
   }
   if (act == kGelu) {
-    v8 gauss;
-    v8 cdf = NormalCdf(v, &gauss);
-    *grad = cdf + v * gauss * 0.398942280f;
-    return v * cdf;
+    v8 a = AbsClamped(v);
+    v8 gauss = Gauss(a);
+    v8 tail = NormalTail(a, gauss);
+    v8 cdf = v > v8{} ? 1.f - tail : tail;
+    *grad = cdf + v * (a < 13.f ? gauss : v8{}) * 0.398942280f;
+    return Max(v8{}, v) - a * tail;
   }
   *grad = v8{} + 1.f;
   return v;
