@@ -39,9 +39,8 @@ from torch import nn
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from convmixer_jax import convert, hostmem, models, pointwise, train  # noqa: E402
+from convmixer_jax import convert, hostmem, models, train  # noqa: E402
 from convmixer_jax.benchmark import interleaved_seconds, model_figures, prepare_model  # noqa: E402
-from convmixer_jax.depthwise import resolve_impl  # noqa: E402
 from tests.torch_convmixer import TimmConvMixer  # noqa: E402
 
 LAYOUTS = ("nchw", "channels_last")
@@ -192,8 +191,8 @@ def compare(
         "batch_size": config.batch_size,
         "image_size": config.image_size,
         "dtype": config.dtype,
-        "depthwise_impl": resolve_impl(jax_result["depthwise_impl"]),
-        "pointwise_impl": _pointwise_impl(config),
+        "depthwise_impl": jax_result["depthwise_impl"],
+        "pointwise_impl": jax_result["pointwise_impl"],
         "remat": config.model.remat,
         "scan": config.model.scan,
         "torch_version": torch.__version__,
@@ -204,13 +203,6 @@ def compare(
         "pytorch_skipped": skipped,
         "ratios": ratios,
     }
-
-
-def _pointwise_impl(config: ml_collections.ConfigDict) -> str:
-    """The pointwise implementation the JAX model ran (ConvMixer keeps 'xla' under remat 'dots')."""
-    if config.model.remat == "dots":
-        return "xla"
-    return pointwise.resolve_impl(config.model.pointwise_impl, jax.numpy.dtype(config.dtype))
 
 
 def _table(result: dict) -> str:

@@ -97,16 +97,13 @@ def benchmark_model(config, *, steps: int, repeats: int, peak_tflops: float = 0.
     return model_figures(config, run, seconds["train"], seconds["infer"], peak_tflops)
 
 
-def prepare_model(config) -> dict:
-    """The compiled, warmed-up train step and eval forward on all devices, as `train_once` and
-    `infer_once` (each runs one batch), with `compile_seconds` and `peak_memory_bytes` of the
-    train step."""
-    from convmixer_jax import models, optim, sharding, train
+def _train_parts(config):
+    """The class count, a function making the initial train state, the model's graphdef and the
+    train step (state, batch) -> (state, metrics) of `config`."""
+    from convmixer_jax import models, optim, train
     from convmixer_jax import steps as steps_lib
 
-    arch = models.config_architecture(config.model)
-    num_classes = arch["num_classes"]
-    mesh = sharding.create_mesh()
+    num_classes = models.config_architecture(config.model)["num_classes"]
     tx = optim.create_optimizer(config, optim.onecycle_schedule(config.learning_rate, 1000))
 
     def init():
@@ -114,10 +111,23 @@ def prepare_model(config) -> dict:
         _, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
         return steps_lib.init_train_state(params, batch_stats, tx)
 
-    abstract = jax.eval_shape(init)
-    state_sharding = sharding.state_sharding(mesh, abstract, config.sharding)
-    state = jax.jit(init, out_shardings=state_sharding)()
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: train.build_model(config, num_classes, 0)))
+    train_step = functools.partial(
+        steps_lib.train_step, graphdef=graphdef, tx=tx, label_smoothing=config.label_smoothing
+    )
+    return num_classes, init, graphdef, train_step
+
+
+def prepare_model(config) -> dict:
+    """The compiled, warmed-up train step and eval forward on all devices, as `train_once` and
+    `infer_once` (each runs one batch), with `compile_seconds` and `peak_memory_bytes` of the
+    train step."""
+    from convmixer_jax import sharding
+
+    num_classes, init, graphdef, train_step = _train_parts(config)
+    mesh = sharding.create_mesh()
+    state_sharding = sharding.state_sharding(mesh, jax.eval_shape(init), config.sharding)
+    state = jax.jit(init, out_shardings=state_sharding)()
 
     size, batch_size = config.image_size, config.batch_size
     rng = np.random.default_rng(0)
@@ -129,9 +139,7 @@ def prepare_model(config) -> dict:
         sharding.batch_sharded(mesh),
     )
     step_fn = jax.jit(
-        functools.partial(
-            steps_lib.train_step, graphdef=graphdef, tx=tx, label_smoothing=config.label_smoothing
-        ),
+        train_step,
         in_shardings=(state_sharding, sharding.batch_sharded(mesh)),
         out_shardings=(state_sharding, sharding.replicated(mesh)),
         donate_argnums=0,
@@ -168,8 +176,9 @@ def prepare_model(config) -> dict:
 def model_figures(
     config, run: dict, train_seconds: float, infer_seconds: float, peak_tflops: float = 0.0
 ) -> dict:
-    """The JSON record of `prepare_model`'s `run` at these seconds per batch."""
-    from convmixer_jax import models
+    """The JSON record of `prepare_model`'s `run` at these seconds per batch; the implementations
+    are those that ran ('auto' resolved)."""
+    from convmixer_jax import depthwise, models, pointwise
 
     arch = models.config_architecture(config.model)
     num_classes, size, batch_size = arch["num_classes"], config.image_size, config.batch_size
@@ -187,8 +196,11 @@ def model_figures(
         "batch_size": batch_size,
         "image_size": size,
         "dtype": config.dtype,
-        "depthwise_impl": config.model.depthwise_impl,
-        "pointwise_impl": config.model.pointwise_impl,
+        "depthwise_impl": depthwise.resolve_impl(config.model.depthwise_impl),
+        "pointwise_impl": pointwise.resolve_impl(
+            models.pointwise_impl_under_remat(config.model.pointwise_impl, config.model.remat),
+            jnp.dtype(config.dtype),
+        ),
         "train_images_per_sec": train_ips,
         "infer_images_per_sec": batch_size / infer_seconds,
         "model_flops_per_image": flops,
@@ -204,28 +216,14 @@ def model_figures(
 
 def train_step_memory(config, per_device_batch: int) -> int | None:
     """Peak bytes of one device's train step (XLA's memory analysis), compiled, never run."""
-    from convmixer_jax import models, optim, train
-    from convmixer_jax import steps as steps_lib
-
-    num_classes = models.config_architecture(config.model)["num_classes"]
-    tx = optim.create_optimizer(config, optim.onecycle_schedule(config.learning_rate, 1000))
     config.bn_group_size = 0  # per-group statistics need no more memory; groups may not divide
-
-    def init():
-        model = train.build_model(config, num_classes, config.seed)
-        _, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-        return steps_lib.init_train_state(params, batch_stats, tx)
-
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: train.build_model(config, num_classes, 0)))
+    _, init, _, train_step = _train_parts(config)
     size = config.image_size
     batch = {
         "image": jax.ShapeDtypeStruct((per_device_batch, size, size, 3), jnp.float32),
         "label": jax.ShapeDtypeStruct((per_device_batch,), jnp.int32),
     }
-    step_fn = functools.partial(
-        steps_lib.train_step, graphdef=graphdef, tx=tx, label_smoothing=config.label_smoothing
-    )
-    lowered = jax.jit(step_fn, donate_argnums=0).lower(jax.eval_shape(init), batch)
+    lowered = jax.jit(train_step, donate_argnums=0).lower(jax.eval_shape(init), batch)
     return _peak_memory(lowered.compile())
 
 

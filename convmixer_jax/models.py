@@ -312,6 +312,19 @@ def _run_blocks(blocks: nnx.List, x: jax.Array, train: bool, scan: bool, remat: 
     return x
 
 
+def pointwise_impl_under_remat(pointwise_impl: str, remat: str) -> str:
+    """The pointwise implementation a ConvMixer with `remat` runs: under 'dots' the products must
+    be XLA dots for the policy to see them ('auto' becomes 'xla'; 'native' is refused)."""
+    if remat != "dots":
+        return pointwise_impl
+    if pointwise_impl == "native":
+        raise ValueError(
+            "remat 'dots' cannot see pointwise_impl 'native' products; use remat "
+            "'block' or 'none', or pointwise_impl 'xla' or 'auto'"
+        )
+    return "xla"
+
+
 class ConvMixer(nnx.Module):
     """ConvMixer-h/d: NHWC images whose size the patch size divides -> float32 logits.
 
@@ -342,13 +355,7 @@ class ConvMixer(nnx.Module):
     ):
         if remat not in REMAT_POLICIES:
             raise ValueError(f"unknown remat {remat!r}; choose one of {list(REMAT_POLICIES)}")
-        if remat == "dots":
-            if pointwise_impl == "native":
-                raise ValueError(
-                    "remat 'dots' cannot see pointwise_impl 'native' products; use remat "
-                    "'block' or 'none', or pointwise_impl 'xla' or 'auto'"
-                )
-            pointwise_impl = "xla"  # for 'auto' too: keep the products visible to the policy
+        pointwise_impl = pointwise_impl_under_remat(pointwise_impl, remat)
         if activation not in ACTIVATIONS:
             raise ValueError(
                 f"unknown activation {activation!r}; choose one of {list(ACTIVATIONS)}"

@@ -50,44 +50,8 @@ Example (v4-32 pod slice, 4 workers):
 EOF
 }
 
-die() {
-  printf 'error: %s\n' "$*" >&2
-  exit 2
-}
-
-# Quotes one word for a POSIX shell exactly like Python's shlex.quote.
-quote() {
-  if [[ -n $1 && $1 != *[!A-Za-z0-9_@%+=:,./-]* ]]; then
-    printf '%s' "$1"
-  else
-    printf "'%s'" "${1//\'/\'\"\'\"\'}"
-  fi
-}
-
-# Joins words into one shell-quoted command line.
-join_quoted() {
-  local out='' word
-  for word in "$@"; do
-    out+="${out:+ }$(quote "$word")"
-  done
-  printf '%s' "$out"
-}
-
-# Prints a command as '+ CMD'; runs it too unless --dry-run (then to stderr, like `set -x`).
-run() {
-  if ((dry_run)); then
-    printf '+ %s\n' "$(join_quoted "$@")"
-  else
-    printf '+ %s\n' "$(join_quoted "$@")" >&2
-    "$@"
-  fi
-}
-
-# take VAR FLAG [VALUE]: stores the value that follows FLAG.
-take() {
-  [[ $# -ge 3 && $3 != --* ]] || die "$2 needs a value"
-  printf -v "$1" '%s' "$3"
-}
+# shellcheck source=launch/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 default_version() {
   case $1 in

@@ -12,6 +12,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = ["launch/tpu_vm.sh", "launch/gpu.sh", "launch/slurm.sbatch", "launch/prepare_imagenet.sh"]
+COMMON = "launch/common.sh"  # the helpers the scripts share
 CONFIG = "configs/convmixer_1536_20.py"
 TPU = ["--name", "cm", "--zone", "us-central2-b", "--project", "proj"]
 LOC = "--zone=us-central2-b --project=proj"
@@ -410,8 +411,23 @@ def test_help_and_executable(script):
 def test_shellcheck_passes():
     if shutil.which("shellcheck") is None:
         pytest.fail("shellcheck is not installed: apt-get install -y shellcheck")
-    assert sorted(str(p.relative_to(REPO)) for p in (REPO / "launch").iterdir()) == sorted(SCRIPTS)
+    files = sorted(str(p.relative_to(REPO)) for p in (REPO / "launch").iterdir())
+    assert files == sorted([*SCRIPTS, COMMON])
     result = subprocess.run(
-        ["shellcheck", "--shell=bash", *SCRIPTS], cwd=REPO, capture_output=True, text=True
+        ["shellcheck", "--shell=bash", "--external-sources", COMMON, *SCRIPTS],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 0, result.stdout
+
+
+def test_slurm_holds_the_shared_helpers_verbatim():
+    # sbatch runs a copy of the job script alone, so slurm.sbatch cannot source common.sh.
+    helpers = (REPO / COMMON).read_text().split("\n\n", 1)[1]
+    assert helpers.startswith("die() {") and helpers.endswith("}\n")
+    assert helpers in (REPO / "launch/slurm.sbatch").read_text()
+    for script in set(SCRIPTS) - {"launch/slurm.sbatch"}:
+        text = (REPO / script).read_text()
+        assert "\ndie() {" not in text
+        assert 'source "$(dirname "${BASH_SOURCE[0]}")/common.sh"' in text

@@ -257,3 +257,13 @@ def test_native_kernels_compute_the_same():
 def test_native_pointwise_rejects_remat_dots():
     with pytest.raises(ValueError, match="remat 'dots'.*pointwise_impl 'native'.*'block'"):
         convmixer_jax.create_model("convmixer_tiny", pointwise_impl="native", remat="dots")
+
+
+def test_pointwise_impl_under_remat():
+    assert models.pointwise_impl_under_remat("auto", "dots") == "xla"
+    assert models.pointwise_impl_under_remat("xla", "dots") == "xla"
+    for remat in ("none", "block"):
+        for impl in ("auto", "xla", "native"):
+            assert models.pointwise_impl_under_remat(impl, remat) == impl
+    model = convmixer_jax.create_model("convmixer_tiny", pointwise_impl="auto", remat="dots")
+    assert {block.pointwise.impl for block in model.blocks} == {"xla"}

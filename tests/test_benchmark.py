@@ -1,0 +1,75 @@
+"""python -m convmixer_jax.benchmark: the model and memory figures, on a small ConvMixer."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from conftest import ROOT
+from convmixer_jax import benchmark, models
+
+
+def _small_config(image_size=16, **model):
+    """configs/quickstart.py with a smaller ConvMixer (k3), as --config.model.X=... sets it."""
+    spec = importlib.util.spec_from_file_location("quickstart", f"{ROOT}/configs/quickstart.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config()
+    c.model.update(width=16, depth=2, kernel_size=3)
+    c.model.update(model)
+    c.image_size, c.batch_size = image_size, 8
+    return c
+
+
+def test_model_figures():
+    config = _small_config()
+    out = benchmark.benchmark_model(config, steps=1, repeats=1, peak_tflops=2.0)
+    flops = models.forward_flops(
+        width=16, depth=2, kernel_size=3, patch_size=2, num_classes=10, image_size=16
+    )
+    assert out["model_flops_per_image"] == flops
+    assert out["train_images_per_sec"] > 0 and out["infer_images_per_sec"] > 0
+    per_device = 3 * flops * out["train_images_per_sec"] / 1e12 / 8
+    assert out["train_tflops_per_sec"] == pytest.approx(per_device)
+    assert out["mfu"] == pytest.approx(out["train_tflops_per_sec"] / 2.0)
+    assert out["device_count"] == 8 and out["device_kind"] == jax.devices()[0].device_kind
+    assert out["peak_memory_bytes"] > 0 and out["compile_seconds"] > 0
+    # What ran, not what was asked: on 8 simulated devices 'auto' takes the XLA-side paths.
+    assert (out["depthwise_impl"], out["pointwise_impl"]) == ("shift", "xla")
+
+
+def test_pointwise_impl_reported_under_remat_dots():
+    config = _small_config(remat="dots")
+    out = benchmark.benchmark_model(config, steps=1, repeats=1)
+    assert out["pointwise_impl"] == "xla" and out["mfu"] is None  # no known peak for CPUs
+
+
+def test_memory_grows_with_batch_and_falls_with_remat():
+    peak = {
+        (remat, batch): benchmark.train_step_memory(
+            _small_config(width=64, depth=6, remat=remat), batch
+        )
+        for remat in ("none", "block")
+        for batch in (8, 32)
+    }
+    for remat in ("none", "block"):
+        assert 0 < peak[remat, 8] < peak[remat, 32]
+    assert peak["block", 32] < peak["none", 32]
+
+
+def test_memory_command_prints_json_last():
+    result = subprocess.run(
+        [sys.executable, "-m", "convmixer_jax.benchmark", "memory",
+         "--config", f"{ROOT}/configs/quickstart.py", "--config.model.width=64",
+         "--config.model.depth=6", "--config.model.kernel_size=3", "--image_size", "32",
+         "--batch_sizes", "32", "--remats", "none"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert (out["model"], out["image_size"], out["dtype"]) == ("convmixer_tiny", 32, "float32")
+    want = benchmark.train_step_memory(_small_config(32, width=64, depth=6), 32) / 2**30
+    assert out["peak_gib"] == {"none": {"32": round(want, 2)}} and want > 0.01
