@@ -9,7 +9,7 @@ import jax
 import pytest
 
 from conftest import ROOT
-from convmixer_jax import benchmark, models
+from convmixer_jax import benchmark, models, native
 
 
 def _small_config(image_size=16, **model):
@@ -41,10 +41,15 @@ def test_model_figures():
     assert (out["depthwise_impl"], out["pointwise_impl"]) == ("shift", "xla")
 
 
-def test_pointwise_impl_reported_under_remat_dots():
-    config = _small_config(remat="dots")
-    out = benchmark.benchmark_model(config, steps=1, repeats=1)
-    assert out["pointwise_impl"] == "xla" and out["mfu"] is None  # no known peak for CPUs
+@pytest.mark.parametrize("remat,pointwise_impl", [("none", "native"), ("dots", "xla")])
+def test_figures_name_the_implementations_that_ran(monkeypatch, remat, pointwise_impl):
+    # As on one CPU device with a compiler: 'auto' is the kernels, but XLA's dot under 'dots'.
+    monkeypatch.setattr(native, "usable", lambda: True)
+    run = {"compile_seconds": 1.0, "peak_memory_bytes": 1}
+    out = benchmark.model_figures(_small_config(remat=remat), run, 0.5, 0.25)
+    assert (out["depthwise_impl"], out["pointwise_impl"]) == ("native", pointwise_impl)
+    assert out["train_images_per_sec"] == 16 and out["infer_images_per_sec"] == 32
+    assert out["mfu"] is None  # no known peak for CPUs
 
 
 def test_memory_grows_with_batch_and_falls_with_remat():
