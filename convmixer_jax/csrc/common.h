@@ -142,7 +142,8 @@ inline v8 ActivateWithGrad(v8 v, int64_t act, v8* grad) {
     v8 gauss = Gauss(a);
     v8 tail = NormalTail(a, gauss);
     v8 cdf = v > v8{} ? 1.f - tail : tail;
-    *grad = cdf + v * (a < 13.f ? gauss : v8{}) * 0.398942280f;
+    // v e^(-v^2 / 2) is 0 past the clamp, for infinite v too.
+    *grad = cdf + (a < 13.f ? v * gauss : v8{}) * 0.398942280f;
     return Max(v8{}, v) - a * tail;
   }
   *grad = v8{} + 1.f;
