@@ -22,6 +22,7 @@ namespace ffi = xla::ffi;
 namespace convmixer {
 
 typedef float v8 __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));  // the same lanes' bits, as integers
 constexpr int64_t kLanes = 8;
 
 struct FreeDeleter {
@@ -68,7 +69,6 @@ inline v8 Max(v8 a, v8 b) {
 // integer and |f| <= 1/2, 2^f by a degree-6 polynomial (a Chebyshev fit, relative error 2.6e-9),
 // and 2^n put into the exponent bits.
 inline v8 Gauss(v8 a) {
-  typedef int32_t v8i __attribute__((vector_size(32)));
   v8 u = a * a * -0.721347520f;
   // Adding 1.5 * 2^23 rounds to an integer, which then sits in the low mantissa bits; the 127
   // there is the exponent bias, so shifting those bits into the exponent field gives 2^n.
@@ -94,7 +94,6 @@ inline v8 NormalTail(v8 a, v8 gauss) {
 
 // |y| clamped to 13 (Phi(-13) ~ 6e-39: beyond float); NaN stays NaN.
 inline v8 AbsClamped(v8 y) {
-  typedef int32_t v8i __attribute__((vector_size(32)));
   return Min(v8{} + 13.f, (v8)((v8i)y & 0x7fffffff));
 }
 
