@@ -30,10 +30,10 @@ struct FreeDeleter {
 };
 using Tile = std::unique_ptr<float[], FreeDeleter>;
 
-// A zeroed, 32-byte aligned buffer of n floats.
+// A zeroed, 64-byte (cache line) aligned buffer of n floats.
 inline Tile ZeroTile(int64_t n) {
-  size_t bytes = ((n * sizeof(float) + 31) / 32) * 32;
-  float* p = static_cast<float*>(std::aligned_alloc(32, bytes));
+  size_t bytes = ((n * sizeof(float) + 63) / 64) * 64;
+  float* p = static_cast<float*>(std::aligned_alloc(64, bytes));
   if (p == nullptr) throw std::bad_alloc();
   std::memset(p, 0, bytes);
   return Tile(p);

@@ -152,8 +152,18 @@ ffi::Error Product(ffi::ThreadPool& pool, ffi::BufferR2<ffi::F32>& a, ffi::Buffe
         for (int64_t jr = 0; jr < panels; ++jr) {
           const float* bp = packed_b.get() + jr * kc * kNr;
           for (int64_t ir = 0; ir < mc; ir += kMr) {
-            Kernel(kc, ap + ir * lda, lda, bp, out + (m0 + ir) * n + jr * kNr, n,
-                   std::min(kMr, mc - ir), std::min(kNr, n - jr * kNr), p0 == 0,
+            int64_t rows = std::min(kMr, mc - ir);
+            // Into L2 ahead of use: in the first panel the next tile's rows of op(a), short
+            // streams from memory that the hardware prefetchers pick up late; in every panel
+            // the output lines this tile writes in the next one.
+            for (int64_t r = ir + kMr; jr == 0 && r < std::min(ir + 2 * kMr, mc); ++r) {
+              for (int64_t e = 0; e < kc; e += 16) __builtin_prefetch(ap + r * lda + e, 0, 2);
+            }
+            for (int64_t r = 0; r < rows && jr + 1 < panels; ++r) {
+              __builtin_prefetch(out + (m0 + ir + r) * n + (jr + 1) * kNr, 1, 2);
+            }
+            Kernel(kc, ap + ir * lda, lda, bp, out + (m0 + ir) * n + jr * kNr, n, rows,
+                   std::min(kNr, n - jr * kNr), p0 == 0,
                    p0 + kc == k ? ep : nullptr, kind, jr * kNr);
           }
         }
