@@ -47,12 +47,16 @@ def test_native_matches_xla(shape, d):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4, err_msg=name)
 
 
+# (m, k, n): few rows over a long depth, which the kernel cuts into slices summed at the end (on
+# two or more threads), and rows over many tasks (on up to 8 threads) with the depth in several
+# 768-deep blocks.
+@pytest.mark.parametrize("m,k,n", [(101, 800, 37), (1700, 1600, 40)])
 @pytest.mark.parametrize("transpose_a", [False, True])
 @pytest.mark.parametrize("transpose_b", [False, True])
-def test_kernel_transposes(transpose_a, transpose_b):
+def test_kernel_transposes(transpose_a, transpose_b, m, k, n):
     rng = np.random.default_rng(1)
-    a = rng.standard_normal((101, 800), np.float32)
-    b = rng.standard_normal((800, 37), np.float32)
+    a = rng.standard_normal((m, k), np.float32) / np.sqrt(k)
+    b = rng.standard_normal((k, n), np.float32)
     stored_a = a.T.copy() if transpose_a else a
     stored_b = b.T.copy() if transpose_b else b
     pointwise.native.load()
