@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> dict:
         "every activation, so this compares the same work; '': the config's)",
     )  # fmt: skip
     parser.add_argument("--steps", type=int, default=3, help="steps per timed run")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs; the median is kept")
+    parser.add_argument("--repeats", type=int, default=7, help="timed rounds; the median is kept")
     parser.add_argument("--threads", type=int, default=0, help="PyTorch threads (0: all cores)")
     parser.add_argument(
         "--scan", action=argparse.BooleanOptionalAction, default=None,
