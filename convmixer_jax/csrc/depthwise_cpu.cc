@@ -36,13 +36,14 @@ struct Geometry {
   int64_t padded(int64_t b) const { return (width(b) + kLanes - 1) / kLanes * kLanes; }
 };
 
-// Copies channels [c0, c0+width) of image `img` (H x W x C) into `tile` (hp x wp x cp), offset by
-// `lo` rows and columns; the rest of the tile stays zero.
-void FillPadded(const Geometry& g, const float* img, int64_t c0, int64_t width, int64_t cp,
-                int64_t lo, float* tile) {
+// Copies channels [c0, c0+width) of image `img` (H x W x C) into `tile` (hp x wp x kBlock: every
+// tile is kBlock channels wide, whatever the block's width), offset by `lo` rows and columns; the
+// rest of the tile stays zero.
+void FillPadded(const Geometry& g, const float* img, int64_t c0, int64_t width, int64_t lo,
+                float* tile) {
   for (int64_t r = 0; r < g.h; ++r) {
     for (int64_t s = 0; s < g.w; ++s) {
-      std::memcpy(tile + ((r + lo) * g.wp() + s + lo) * cp, img + (r * g.w + s) * g.c + c0,
+      std::memcpy(tile + ((r + lo) * g.wp() + s + lo) * kBlock, img + (r * g.w + s) * g.c + c0,
                   width * sizeof(float));
     }
   }
@@ -133,15 +134,15 @@ void ForwardTask(const Geometry& g, const float* x, const float* kernel, const O
   }
   const float* block_pass = pass != nullptr ? params.get() : nullptr;
   int64_t act = pass != nullptr ? pass->act : kIdentity;
+  // Whole blocks are written straight into y; a narrower last block goes through out_row.
+  bool direct = width == kBlock;
+  int64_t stride = direct ? g.c : cp;
   WithAct(act, [&](auto kind) {
     for (int64_t img = first; img < last; ++img) {
-      FillPadded(g, x + img * g.h * g.w * g.c, c0, width, cp, g.lo, tile.get());
+      FillPadded(g, x + img * g.h * g.w * g.c, c0, width, g.lo, tile.get());
       for (int64_t r = 0; r < g.h; ++r) {
-        // Whole blocks are written straight into y; a narrower last block goes through out_row.
         float* dst = y + ((img * g.h + r) * g.w) * g.c + c0;
-        bool direct = width == kBlock;
         float* out = direct ? dst : out_row.get();
-        int64_t stride = direct ? g.c : cp;
         for (int64_t v = 0; v < vectors; ++v) {
           int64_t w0 = 0;
           for (; w0 + 8 <= g.w; w0 += 8) {
@@ -214,10 +215,10 @@ void WeightGradTask(const Geometry& g, const float* x, const float* grad, int64_
   Tile gt = ZeroTile(g.h * g.w * cp);
   Tile acc = ZeroTile(g.k * g.k * cp);
   for (int64_t img = first; img < last; ++img) {
-    FillPadded(g, x + img * g.h * g.w * g.c, c0, width, cp, g.lo, tile.get());
+    FillPadded(g, x + img * g.h * g.w * g.c, c0, width, g.lo, tile.get());
     Geometry unpadded = g;
     unpadded.k = 1;  // copy g[img] without a border
-    FillPadded(unpadded, grad + img * g.h * g.w * g.c, c0, width, cp, 0, gt.get());
+    FillPadded(unpadded, grad + img * g.h * g.w * g.c, c0, width, 0, gt.get());
     for (int64_t r = 0; r < g.h; ++r) {
       switch (g.padded(blk) / kLanes) {
         case 1: WeightGradRow<1>(g, tile.get(), gt.get(), r, acc.get()); break;
