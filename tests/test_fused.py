@@ -75,7 +75,7 @@ def test_unknown_activation_is_refused():
 def test_kernel_gelu_is_the_exact_gelu():
     # Through an identity product: the kernels' vectorised GELU on 64k values against
     # y * Phi(y) in float64, from far in the negative tail to large positive values. Its error
-    # here is 1.3e-7 * max(1, |y|) at most (XLA's float32 GELU: 1.1e-7).
+    # here is 9.2e-8 * max(1, |y|) at most (XLA's float32 GELU: 1.1e-7).
     tails = [-1e4, -80, -1e-30, 0, 1e-30, 5e-8, 80, 1e4]
     y = np.concatenate([np.linspace(-30, 30, 65536 - 8), tails]).astype(np.float32)
     ones, zeros = jnp.ones(8), jnp.zeros(8)
@@ -85,7 +85,7 @@ def test_kernel_gelu_is_the_exact_gelu():
     y64 = y.astype(np.float64)
     want = y64 * 0.5 * np.vectorize(math.erfc)(-y64 / math.sqrt(2))
     assert np.all(np.isfinite(got))
-    assert np.max(np.abs(got - want) / np.maximum(1, np.abs(y64))) < 2e-7
+    assert np.max(np.abs(got - want) / np.maximum(1, np.abs(y64))) < 1.2e-7
 
 
 @pytest.mark.parametrize(

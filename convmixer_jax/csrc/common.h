@@ -15,6 +15,10 @@
 #include <new>
 #include <type_traits>
 
+#ifdef __AVX__
+#include <immintrin.h>
+#endif
+
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -65,6 +69,27 @@ inline v8 Max(v8 a, v8 b) {
 #endif
 }
 
+// a * b + c in one rounding where the target has FMA (written out: GCC's tuning for AMD cores
+// splits a chain of contracted multiply-adds back into multiplies and adds).
+inline v8 Fma(v8 a, v8 b, v8 c) {
+#ifdef __FMA__
+  return (v8)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
+#else
+  return a * b + c;
+#endif
+}
+
+// Lane i of the result is table[index[i] mod 8] (one instruction with AVX2).
+inline v8 Lookup(v8 table, v8i index) {
+#ifdef __AVX2__
+  return (v8)_mm256_permutevar8x32_ps((__m256)table, (__m256i)index);
+#else
+  v8 r;
+  for (int i = 0; i < kLanes; ++i) r[i] = table[index[i] & 7];
+  return r;
+#endif
+}
+
 // e^(-a^2 / 2) for 0 <= a <= 13, as 2^u with u = -a^2 log2(e) / 2 >= -122: u = n + f with n an
 // integer and |f| <= 1/2, 2^f by a degree-6 polynomial (a Chebyshev fit, relative error 2.6e-9),
 // and 2^n put into the exponent bits.
@@ -97,10 +122,37 @@ inline v8 AbsClamped(v8 y) {
   return Min(v8{} + 13.f, (v8)((v8i)y & 0x7fffffff));
 }
 
-// The exact GELU y Phi(y) = max(y, 0) - |y| Phi(-|y|) (error < 1.5e-7 max(1, |y|)).
+// The exact GELU y Phi(y) = max(y, 0) - h(|y|), h(a) = a Phi(-a): for a < 6 one degree-6
+// polynomial per eighth of [0, 6), in the offset t in [0, 1) of 8a/6 from the interval's start
+// (least squares on 200 Chebyshev nodes per interval, the first without a constant term so that
+// GELU(0) = 0; row j of kH holds the eight intervals' t^j coefficients, which lanes pick with a
+// table lookup), and 0 beyond (6 Phi(-6) < 6e-9). Error < 1.1e-7 max(1, |y|) against float64;
+// NaN stays NaN, GELU(inf) = inf, GELU(-inf) = 0. The exp-based form below (Gauss, NormalTail)
+// stays for the derivative; as the forward GELU it took ~25% more time per value.
 inline v8 Gelu(v8 y) {
-  v8 a = AbsClamped(y);
-  return Max(v8{}, y) - a * NormalTail(a, Gauss(a));
+  alignas(32) static const float kH[7][8] = {
+      {0.f, 0.169970527f, 0.100210778f, 0.0275050681f,
+       0.00404969696f, 0.000331564428f, 1.5289359e-05f, 3.9924538e-07f},
+      {0.37499702f, 0.000579762447f, -0.0955995694f, -0.0443926975f,
+       -0.00895953272f, -0.000925325381f, -5.13799314e-05f, -1.56703106e-06f},
+      {-0.224348828f, -0.121732108f, 0.00906915218f, 0.027344197f,
+       0.0087300865f, 0.00119562889f, 8.17638502e-05f, 2.94289248e-06f},
+      {-0.000350430899f, 0.0544735342f, 0.0241333954f, -0.00536813959f,
+       -0.00470464304f, -0.000932152441f, -8.04587908e-05f, -3.43071588e-06f},
+      {0.0220247861f, 0.00189302524f, -0.0120821903f, -0.00234854687f,
+       0.00137714262f, 0.00047129154f, 5.22081791e-05f, 2.60899901e-06f},
+      {-0.00134104886f, -0.00613319688f, 0.00164146558f, 0.00161566504f,
+       -0.000146241684f, -0.000148304971f, -2.09813843e-05f, -1.19673859e-06f},
+      {-0.00101102563f, 0.00115925726f, 0.000132054731f, -0.000305855152f,
+       -1.49471434e-05f, 2.25877939e-05f, 3.95812276e-06f, 2.49280731e-07f},
+  };
+  v8 a = Min(v8{} + 6.f, (v8)((v8i)y & 0x7fffffff));  // NaN stays NaN
+  v8 u = a * (8.f / 6.f);
+  v8i interval = __builtin_convertvector(u, v8i);  // truncation: u >= 0
+  v8 t = u - __builtin_convertvector(interval, v8);
+  v8 h = Lookup(Load(kH[6]), interval);
+  for (int j = 5; j >= 0; --j) h = Fma(h, t, Lookup(Load(kH[j]), interval));
+  return Max(v8{}, y) - (a < 6.f ? h : v8{});
 }
 
 inline ffi::Error CheckAct(int64_t act) {
