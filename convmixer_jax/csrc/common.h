@@ -50,6 +50,22 @@ typedef float v8u __attribute__((vector_size(32), aligned(4)));
 inline v8 LoadU(const float* p) { return *reinterpret_cast<const v8u*>(p); }
 inline void StoreU(float* p, v8 v) { *reinterpret_cast<v8u*>(p) = v; }
 
+// Stores v at p (32-byte aligned) past the caches, without first reading the line in; a plain
+// store where the target has no such instruction. StreamFence() orders these stores before
+// later ones (before other threads use the results).
+inline void StoreStream(float* p, v8 v) {
+#ifdef __AVX__
+  _mm256_stream_ps(p, (__m256)v);
+#else
+  Store(p, v);
+#endif
+}
+inline void StreamFence() {
+#ifdef __AVX__
+  _mm_sfence();
+#endif
+}
+
 // Activations, by the code the Python side passes (native.ACTIVATIONS).
 enum Act : int64_t { kIdentity = 0, kRelu = 1, kGelu = 2 };
 

@@ -79,7 +79,7 @@ void PackTransposedA(const float* a, int64_t m, int64_t m0, int64_t mc, int64_t 
 template <bool kTransA, typename Kind>
 inline void Kernel(int64_t kc, const float* a, int64_t lda, const float* b, float* c, int64_t ldc,
                    int64_t rows, int64_t cols, bool first, const OutputPass* ep, Kind act,
-                   int64_t col0) {
+                   int64_t col0, bool stream) {
   v8 acc[kMr][2];
   for (int r = 0; r < kMr; ++r) acc[r][0] = acc[r][1] = v8{};
   const int64_t row_stride = kTransA ? 1 : lda, step = kTransA ? kMr : 1;
@@ -107,6 +107,13 @@ inline void Kernel(int64_t kc, const float* a, int64_t lda, const float* b, floa
       for (int r = 0; r < kMr; ++r) {
         acc[r][h] = BiasActAffine(acc[r][h], bias, scale, shift, act);
       }
+    }
+    if (stream) {
+      for (int r = 0; r < kMr; ++r) {
+        StoreStream(c + r * ldc, acc[r][0]);
+        StoreStream(c + r * ldc + kLanes, acc[r][1]);
+      }
+      return;
     }
     for (int r = 0; r < kMr; ++r) {
       StoreU(c + r * ldc, acc[r][0]);
@@ -154,6 +161,11 @@ ffi::Error Product(ffi::ThreadPool& pool, ffi::BufferR2<ffi::F32>& a, ffi::Buffe
   }
   int64_t panels = (n + kNr - 1) / kNr, row_blocks = (m + kMc - 1) / kMc;
   int64_t depth_blocks = (k + kKc - 1) / kKc;
+  // A fused layer over a single depth block writes each output once: its whole tiles go to
+  // memory past the caches (no read of every output line before it is written). On 32768 x 256
+  // @ 256 x 256 with GELU: 22.4 against 22.9 ms (medians of 7 alternations in one process).
+  bool stream = ep != nullptr && depth_blocks == 1 && n % kLanes == 0 &&
+                reinterpret_cast<uintptr_t>(out) % 32 == 0;
   // Rows [m0, m0+mc) of op(a) times depth block [p0, p0+kc) of op(b), packed, into cc (row m0 at
   // cc + m0 * n). op(a)'s rows are read in place, or packed into `scratch` (kMc x kKc floats)
   // where op(a) is a transpose.
@@ -173,17 +185,17 @@ ffi::Error Product(ffi::ThreadPool& pool, ffi::BufferR2<ffi::F32>& a, ffi::Buffe
         for (int64_t r = r0 + kMr; r < r0 + kMr + ahead; ++r) {
           for (int64_t e = 0; e < kc; e += 16) __builtin_prefetch(a0 + r * k + p0 + e, 0, 2);
         }
-        for (int64_t r = 0; r < rows && jr + 1 < panels; ++r) {
+        for (int64_t r = 0; r < rows && jr + 1 < panels && !stream; ++r) {
           __builtin_prefetch(cc + (r0 + r) * n + (jr + 1) * kNr, 1, 2);
         }
         float* ct = cc + r0 * n + jr * kNr;
         int64_t cols = std::min(kNr, n - jr * kNr);
         if (transpose_a) {
           Kernel<true>(kc, scratch + ir * kc, kMr, bp, ct, n, rows, cols, first, pass, kind,
-                       jr * kNr);
+                       jr * kNr, stream);
         } else {
           Kernel<false>(kc, a0 + r0 * k + p0, k, bp, ct, n, rows, cols, first, pass, kind,
-                        jr * kNr);
+                        jr * kNr, stream);
         }
       }
     }
@@ -230,6 +242,7 @@ ffi::Error Product(ffi::ThreadPool& pool, ffi::BufferR2<ffi::F32>& a, ffi::Buffe
         rows_of_block(t * kMc, std::min(kMc, m - t * kMc), p0, kc, packed_b.get(),
                       transpose_a ? packed_a[t].get() : nullptr, out, p0 == 0,
                       p0 + kc == k ? ep : nullptr, kind);
+        if (stream) StreamFence();
       });
     });
   }
