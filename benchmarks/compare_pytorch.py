@@ -5,20 +5,25 @@
         [--depthwise_impl auto|xla|shift|native] [--pointwise_impl auto|xla|native]
         [--remat none|block|dots] [--width W] [--depth D] [--kernel_size K] [--patch_size P]
         [--scan|--no-scan] [--steps N] [--repeats R] [--threads T] [--compile]
+        [--torch_device auto|cpu|cuda] [--peak_tflops P]
 
 Both sides run a full training step (forward, cross-entropy with the config's label smoothing,
 backward, gradient clipping if the config clips, AdamW with the config's hyper-parameters) and an
 inference forward (eval-mode BatchNorm, no gradients) on the same random batch, same size, same
-dtype (PyTorch's bfloat16 is autocast). PyTorch runs eagerly in NCHW and in channels_last, and with
-`--compile` also under `torch.compile` (skipped with the reason where it fails). JAX runs through
-`convmixer_jax.benchmark.prepare_model`. PyTorch's intra-op threads are set to the cores this
-process may use (XLA's CPU client sizes its pool the same way); PyTorch and JAX never run at the
-same time. Timings exclude warm-up and compilation and are the median of `--repeats` rounds; each
-round times `--steps` steps of every contender in turn (PyTorch's layouts, then JAX; train, then
-inference), so a slow spell of the machine falls on all of them. Like the package's commands it
-runs under `convmixer_jax.hostmem`'s malloc settings (both frameworks allocate through glibc;
-CONVMIXER_MALLOC=default runs it without them). Prints a table, then as its last line one JSON
-object with both sides' images/s and the ratios JAX / PyTorch.
+dtype (PyTorch's bfloat16 is autocast: AMP). PyTorch runs eagerly in NCHW and in channels_last, and
+with `--compile` also under `torch.compile` (skipped with the reason where it fails). JAX runs
+through `convmixer_jax.benchmark.prepare_model`. PyTorch runs on the GPU where JAX does (one GPU
+each: set CUDA_VISIBLE_DEVICES on a host with several; cuDNN autotuned, as timm trains), else on the
+CPU with its intra-op threads set to the cores this process may use (XLA's CPU client sizes its pool
+the same way); PyTorch and JAX never run at the same time. On a GPU, JAX does not preallocate its
+memory (the two frameworks share the card), and each side reports its peak memory: XLA's memory
+analysis of the compiled train step for JAX, the caching allocator's peak over one train step and
+one inference for each PyTorch contender. Timings exclude warm-up and compilation and are the median
+of `--repeats` rounds; each round times `--steps` steps of every contender in turn (PyTorch's
+layouts, then JAX; train, then inference), so a slow spell of the machine falls on all of them. Like
+the package's commands it runs under `convmixer_jax.hostmem`'s malloc settings (both frameworks
+allocate through glibc; CONVMIXER_MALLOC=default runs it without them). Prints a table, then as its
+last line one JSON object with both sides' images/s and the ratios JAX / PyTorch.
 """
 
 from __future__ import annotations
@@ -29,7 +34,6 @@ import json
 import os
 import pathlib
 import sys
-from collections.abc import Callable
 
 import jax
 import ml_collections
@@ -39,13 +43,23 @@ from torch import nn
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from convmixer_jax import convert, hostmem, models, train  # noqa: E402
+from convmixer_jax import convert, hostmem, models  # noqa: E402
 from convmixer_jax.benchmark import interleaved_seconds, model_figures, prepare_model  # noqa: E402
 from tests.torch_convmixer import TimmConvMixer  # noqa: E402
 
 LAYOUTS = ("nchw", "channels_last")
+DEVICES = ("auto", "cpu", "cuda")
 KINDS = ("train", "infer")
-_JAX_KEYS = ("train_images_per_sec", "infer_images_per_sec", "compile_seconds", "device_kind")
+_JAX_KEYS = (
+    "train_images_per_sec",
+    "infer_images_per_sec",
+    "train_tflops_per_sec",
+    "mfu",
+    "peak_memory_bytes",
+    "compile_seconds",
+    "device_kind",
+    "device_count",
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -70,7 +84,7 @@ def torch_from_jax(
 def torch_model(config: ml_collections.ConfigDict) -> TimmConvMixer:
     """The config's architecture in PyTorch, with the JAX model's initial weights."""
     arch = models.config_architecture(config.model)
-    return torch_from_jax(train.build_model(config, arch["num_classes"], config.seed), **arch)
+    return torch_from_jax(models.from_config(config, arch["num_classes"], config.seed), **arch)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -91,21 +105,64 @@ def _optimizer(model: nn.Module, config: ml_collections.ConfigDict) -> torch.opt
     )  # fmt: skip
 
 
+class _CudaWork:
+    """A step's result on the GPU: `jax.block_until_ready` (which the timing calls on the last
+    result of each run) waits for the queued GPU work through its `block_until_ready`."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def block_until_ready(self):
+        torch.cuda.synchronize()
+        return self
+
+
+def torch_device(name: str) -> str:
+    """`--torch_device`: 'auto' is the GPU where JAX runs on one, else the CPU."""
+    if name == "auto":
+        name = "cuda" if jax.default_backend() == "gpu" else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit(
+                "PyTorch sees no CUDA GPU here: install a CUDA build of torch, or pass "
+                "--torch_device cpu"
+            )
+        if jax.default_backend() == "gpu" and jax.device_count() != 1:
+            raise SystemExit(
+                f"JAX sees {jax.device_count()} GPUs and PyTorch uses one: make one visible "
+                "(CUDA_VISIBLE_DEVICES=0) so both run on the same card"
+            )
+    return name
+
+
 def prepare_torch(
-    config: ml_collections.ConfigDict, *, layout: str, compile: bool
-) -> tuple[Callable[[], object], Callable[[], object]]:
-    """A PyTorch train step and inference forward in `layout` ('nchw' or 'channels_last'), eager
-    or under torch.compile, each run once (warm-up; compilation for torch.compile)."""
+    config: ml_collections.ConfigDict,
+    *,
+    layout: str,
+    compile: bool,
+    device: str = "cpu",
+) -> dict:
+    """A PyTorch train step and inference forward in `layout` ('nchw' or 'channels_last') on
+    `device`, eager or under torch.compile, each run once (warm-up; compilation for
+    torch.compile), as `train_once` and `infer_once`, with `peak_memory_bytes` on a GPU (what
+    this contender added to the allocator's peak: model, optimizer state, activations)."""
+    cuda = device == "cuda"
+    if cuda:
+        torch.backends.cudnn.benchmark = True  # as timm's training script: autotuned convs
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
     model = torch_model(config)
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
-    model = model.to(memory_format=fmt)
+    model = model.to(device=device, memory_format=fmt)
     rng = np.random.default_rng(0)
     size, batch_size = config.image_size, config.batch_size
     images = torch.from_numpy(rng.normal(size=(batch_size, 3, size, size)).astype(np.float32))
-    images = images.contiguous(memory_format=fmt)
-    labels = torch.from_numpy(rng.integers(0, model.head.out_features, batch_size))
+    images = images.to(device).contiguous(memory_format=fmt)
+    labels = torch.from_numpy(rng.integers(0, model.head.out_features, batch_size)).to(device)
     opt = _optimizer(model, config)
-    autocast = torch.autocast("cpu", torch.bfloat16, enabled=config.dtype == "bfloat16")
+    autocast = torch.autocast(device, torch.bfloat16, enabled=config.dtype == "bfloat16")
+    done = _CudaWork if cuda else lambda value: value
     loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     run = torch.compile(model) if compile else model
 
@@ -119,16 +176,16 @@ def prepare_torch(
         if config.grad_clip_norm > 0:
             nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip_norm)
         opt.step()
-        return loss
+        return done(loss)
 
     def infer_once():
         model.eval()
         with torch.inference_mode(), autocast:
-            return run(images)
+            return done(run(images))
 
-    train_once()
-    infer_once()
-    return train_once, infer_once
+    jax.block_until_ready((train_once(), infer_once()))
+    peak = torch.cuda.max_memory_allocated() - base if cuda else None
+    return {"train_once": train_once, "infer_once": infer_once, "peak_memory_bytes": peak}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,34 +207,46 @@ def compare(
     repeats: int,
     layouts: tuple[str, ...] = LAYOUTS,
     compile: bool = False,
+    device: str = "cpu",
+    peak_tflops: float = 0.0,
 ) -> dict:
-    """PyTorch (each layout, eager then compiled if asked) and JAX, timed in turns; figures and
-    ratios."""
-    contenders: dict[str, tuple] = {}
+    """PyTorch on `device` (each layout, eager then compiled if asked) and JAX, timed in turns;
+    figures and ratios."""
+    contenders: dict[str, dict] = {}
     skipped: dict[str, str] = {}
     for mode in ("eager", "compile") if compile else ("eager",):
         for layout in layouts:
             name = f"{mode}_{layout}"
             try:
-                contenders[name] = prepare_torch(config, layout=layout, compile=mode == "compile")
+                contenders[name] = prepare_torch(
+                    config, layout=layout, compile=mode == "compile", device=device
+                )
             except Exception as e:  # noqa: BLE001  (torch.compile's failures have many types)
                 if mode == "eager":
                     raise
                 skipped[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-    jax_run = prepare_model(config)
-    contenders["jax"] = (jax_run["train_once"], jax_run["infer_once"])
-    fns = {
-        (name, kind): fn
-        for name, pair in contenders.items()
-        for kind, fn in zip(KINDS, pair, strict=True)
-    }
+    contenders["jax"] = jax_run = prepare_model(config)
+    fns = {(name, kind): run[f"{kind}_once"] for name, run in contenders.items() for kind in KINDS}
     seconds = interleaved_seconds(fns, steps, repeats)
-    jax_result = model_figures(config, jax_run, seconds["jax", "train"], seconds["jax", "infer"])
-    torch_results = {
-        name: {f"{kind}_images_per_sec": config.batch_size / seconds[name, kind] for kind in KINDS}
-        for name in contenders
-        if name != "jax"
-    }
+    jax_result = model_figures(
+        config, jax_run, seconds["jax", "train"], seconds["jax", "infer"], peak_tflops
+    )
+    flops, peak = jax_result["model_flops_per_image"], jax_result["peak_tflops"]
+    same_kind = (device == "cuda") == (jax.default_backend() == "gpu")
+    torch_results = {}
+    for name, run in contenders.items():
+        if name == "jax":
+            continue
+        figures = {
+            f"{kind}_images_per_sec": config.batch_size / seconds[name, kind] for kind in KINDS
+        }
+        tflops = 3 * flops * figures["train_images_per_sec"] / 1e12  # one device
+        torch_results[name] = {
+            **figures,
+            "train_tflops_per_sec": tflops,
+            "mfu": tflops / peak if peak and same_kind else None,
+            "peak_memory_bytes": run["peak_memory_bytes"],
+        }
     ratios = {}
     for kind in KINDS:
         key = f"{kind}_images_per_sec"
@@ -195,6 +264,7 @@ def compare(
         "pointwise_impl": jax_result["pointwise_impl"],
         "remat": config.model.remat,
         "scan": config.model.scan,
+        "torch_device": device,
         "torch_version": torch.__version__,
         "jax_version": jax.__version__,
         "torch_threads": torch.get_num_threads(),
@@ -208,11 +278,16 @@ def compare(
 def _table(result: dict) -> str:
     rows = [("jax", result["jax"])] + [(f"pytorch {n}", r) for n, r in result["pytorch"].items()]
     lines = [f"{'':<28}{'train img/s':>14}{'infer img/s':>14}{'JAX/this train':>16}"
-             f"{'JAX/this infer':>16}"]  # fmt: skip
+             f"{'JAX/this infer':>16}{'train MFU':>11}{'peak GiB':>10}"]  # fmt: skip
     jt, ji = result["jax"]["train_images_per_sec"], result["jax"]["infer_images_per_sec"]
     for name, r in rows:
         t, i = r["train_images_per_sec"], r["infer_images_per_sec"]
-        lines.append(f"{name:<28}{t:>14.2f}{i:>14.2f}{jt / t:>15.2f}x{ji / i:>15.2f}x")
+        mfu = "-" if r["mfu"] is None else f"{r['mfu']:.1%}"
+        peak = r["peak_memory_bytes"]
+        peak = "-" if peak is None else f"{peak / 2**30:.2f}"
+        lines.append(
+            f"{name:<28}{t:>14.2f}{i:>14.2f}{jt / t:>15.2f}x{ji / i:>15.2f}x{mfu:>11}{peak:>10}"
+        )
     lines += [f"pytorch {n}: skipped ({why})" for n, why in result["pytorch_skipped"].items()]
     return "\n".join(lines)
 
@@ -242,7 +317,18 @@ def main(argv: list[str] | None = None) -> dict:
         help="JAX model.scan (default: the config's)",
     )  # fmt: skip
     parser.add_argument("--compile", action="store_true", help="also time torch.compile")
+    parser.add_argument(
+        "--torch_device", default="auto", choices=DEVICES,
+        help="where PyTorch runs (auto: the GPU where JAX runs on one, else the CPU)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--peak_tflops", type=float, default=0.0,
+        help="peak dense TFLOP/s of one device for the MFU (0: the benchmark's known table)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    # Both frameworks allocate on the same GPU: JAX must not take most of it up front. Read
+    # when JAX creates its GPU client, below.
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
     config = load_config(args.config)
     config.dtype = args.dtype
@@ -263,10 +349,14 @@ def main(argv: list[str] | None = None) -> dict:
         config.model.remat = args.remat
     if args.scan is not None:
         config.model.scan = args.scan
+    device = torch_device(args.torch_device)
     torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
 
     load_before = os.getloadavg()
-    result = compare(config, steps=args.steps, repeats=args.repeats, compile=args.compile)
+    result = compare(
+        config, steps=args.steps, repeats=args.repeats, compile=args.compile, device=device,
+        peak_tflops=args.peak_tflops,
+    )  # fmt: skip
     result["malloc"] = hostmem.mode()
     result["load_average_before"] = [round(x, 2) for x in load_before]
     result["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
@@ -275,8 +365,8 @@ def main(argv: list[str] | None = None) -> dict:
         f"p{result['patch_size']}), {result['image_size']} px, batch {result['batch_size']}, "
         f"{result['dtype']}, JAX depthwise {result['depthwise_impl']}, "
         f"pointwise {result['pointwise_impl']}, remat {result['remat']}, "
-        f"scan {result['scan']}, malloc {result['malloc']}, torch threads "
-        f"{result['torch_threads']}, load {result['load_average_before']} -> "
+        f"scan {result['scan']}, malloc {result['malloc']}, torch on {result['torch_device']}, "
+        f"torch threads {result['torch_threads']}, load {result['load_average_before']} -> "
         f"{result['load_average_after']}"
     )
     print(_table(result))

@@ -100,18 +100,18 @@ def benchmark_model(config, *, steps: int, repeats: int, peak_tflops: float = 0.
 def _train_parts(config):
     """The class count, a function making the initial train state, the model's graphdef and the
     train step (state, batch) -> (state, metrics) of `config`."""
-    from convmixer_jax import models, optim, train
+    from convmixer_jax import models, optim
     from convmixer_jax import steps as steps_lib
 
     num_classes = models.config_architecture(config.model)["num_classes"]
     tx = optim.create_optimizer(config, optim.onecycle_schedule(config.learning_rate, 1000))
 
     def init():
-        model = train.build_model(config, num_classes, config.seed)
+        model = models.from_config(config, num_classes, config.seed)
         _, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
         return steps_lib.init_train_state(params, batch_stats, tx)
 
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: train.build_model(config, num_classes, 0)))
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: models.from_config(config, num_classes, 0)))
     train_step = functools.partial(
         steps_lib.train_step, graphdef=graphdef, tx=tx, label_smoothing=config.label_smoothing
     )
@@ -206,6 +206,7 @@ def model_figures(
         "model_flops_per_image": flops,
         "train_tflops_per_sec": train_tflops,
         "mfu": train_tflops / peak if peak else None,
+        "peak_tflops": peak,
         "compile_seconds": run["compile_seconds"],
         "peak_memory_bytes": run["peak_memory_bytes"],
         "device_kind": device_kind,
@@ -265,6 +266,8 @@ def benchmark_data(config, *, num_images: int, steps: int, repeats: int) -> dict
     """Times the full host train pipeline (decode, augment, batch) on in-memory JPEGs."""
     import tensorflow as tf
 
+    tf.config.set_visible_devices([], "GPU")
+
     from convmixer_jax.data import input_pipeline
 
     rng = np.random.default_rng(0)
@@ -298,9 +301,6 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(
             "usage: python -m convmixer_jax.benchmark model|data|memory --config FILE"
         )
-    import tensorflow as tf
-
-    tf.config.set_visible_devices([], "GPU")
     config = FLAGS.config
     if FLAGS.batch_size:
         config.batch_size = FLAGS.batch_size

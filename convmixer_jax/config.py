@@ -11,7 +11,6 @@ import re
 import ml_collections
 
 from convmixer_jax import models, pointwise
-from convmixer_jax.data.augment import parse_randaugment
 from convmixer_jax.depthwise import IMPLS
 
 DATASETS = ("synthetic_shapes", "image_folder", "cifar10", "imagenet2012")
@@ -224,6 +223,8 @@ def validate(c: ml_collections.ConfigDict, device_count: int) -> None:
         f"train_interpolation: {c.train_interpolation!r} is unknown; use {TRAIN_INTERPOLATIONS}",
     )
     if c.randaugment:
+        from convmixer_jax.data.augment import parse_randaugment  # TensorFlow: only when used
+
         try:
             parse_randaugment(c.randaugment)
         except ValueError as e:

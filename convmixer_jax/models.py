@@ -499,3 +499,20 @@ def create_model(
         bn_group_size=bn_group_size,
         rngs=rngs if rngs is not None else nnx.Rngs(0),
     )
+
+
+def from_config(config, num_classes: int, seed: int) -> ConvMixer:
+    """The model of a training config: its `model` section, `dtype` and `bn_group_size`."""
+    m = config.model
+    return create_model(
+        m.name,
+        num_classes=num_classes,
+        rngs=nnx.Rngs(seed),
+        dtype=jnp.dtype(config.dtype),
+        depthwise_impl=m.depthwise_impl,
+        pointwise_impl=m.pointwise_impl,
+        scan=m.scan,
+        remat=m.remat,
+        bn_group_size=config.bn_group_size,
+        **{field: m[field] for field in ARCHITECTURE_FIELDS},
+    )

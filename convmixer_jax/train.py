@@ -9,7 +9,6 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -50,26 +49,6 @@ class Experiment:
     extra_eval: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
-def build_model(config: ml_collections.ConfigDict, num_classes: int, seed: int) -> models.ConvMixer:
-    m = config.model
-    return models.create_model(
-        m.name,
-        num_classes=num_classes,
-        rngs=nnx.Rngs(seed),
-        dtype=jnp.dtype(config.dtype),
-        depthwise_impl=m.depthwise_impl,
-        pointwise_impl=m.pointwise_impl,
-        scan=m.scan,
-        remat=m.remat,
-        bn_group_size=config.bn_group_size,
-        width=m.width,
-        depth=m.depth,
-        kernel_size=m.kernel_size,
-        patch_size=m.patch_size,
-        activation=m.activation,
-    )
-
-
 def setup(config: ml_collections.ConfigDict) -> Experiment:
     """Validates the config, finds the data and builds the (abstract) model and optimizer."""
     config_lib.validate(config, jax.device_count())
@@ -90,7 +69,7 @@ def setup(config: ml_collections.ConfigDict) -> Experiment:
     tx = optim.create_optimizer(config, schedule)
     mesh = sharding.create_mesh()
 
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: build_model(config, num_classes, 0)))
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: models.from_config(config, num_classes, 0)))
     abstract_state = jax.eval_shape(
         functools.partial(_init_state, config, tx, num_classes, config.seed)
     )
@@ -111,7 +90,7 @@ def setup(config: ml_collections.ConfigDict) -> Experiment:
 
 
 def _init_state(config, tx, num_classes: int, seed: int) -> steps.TrainState:
-    model = build_model(config, num_classes, seed)
+    model = models.from_config(config, num_classes, seed)
     _, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
     return steps.init_train_state(params, batch_stats, tx)
 

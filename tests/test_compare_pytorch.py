@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
+import sys
 
 import jax.numpy as jnp
 import numpy as np
@@ -53,7 +55,7 @@ def test_main_prints_both_figures_and_ratios(compare, capsys):
     compare.main(
         ["--config", f"{ROOT}/configs/cifar10.py", "--model", "convmixer_tiny",
          "--width", "16", "--depth", "1", "--kernel_size", "3", "--batch_size", "8",
-         "--image_size", "8", "--steps", "1", "--repeats", "1"]
+         "--image_size", "8", "--steps", "1", "--repeats", "1", "--peak_tflops", "0.5"]
     )  # fmt: skip
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert (out["model"], out["width"], out["depth"], out["batch_size"]) == (
@@ -73,3 +75,44 @@ def test_main_prints_both_figures_and_ratios(compare, capsys):
             assert ratios[f"{kind}_vs"][name] == pytest.approx(out["jax"][key] / r[key])
     assert len(out["load_average_before"]) == 3 and out["torch_threads"] >= 1
     assert out["malloc"] == hostmem.mode()
+    # Both on the CPU here: the same peak gives both sides' MFU; no GPU allocator to read.
+    assert out["torch_device"] == "cpu" and out["jax"]["device_count"] == 8
+    flops = models.forward_flops(
+        width=16, depth=1, kernel_size=3, patch_size=2, num_classes=10, image_size=8
+    )
+    for figures, devices in [(out["jax"], 8), *((r, 1) for r in out["pytorch"].values())]:
+        tflops = 3 * flops * figures["train_images_per_sec"] / 1e12 / devices
+        assert figures["train_tflops_per_sec"] == pytest.approx(tflops)
+        assert figures["mfu"] == pytest.approx(tflops / 0.5)
+    assert out["jax"]["peak_memory_bytes"] > 0
+    assert [r["peak_memory_bytes"] for r in out["pytorch"].values()] == [None, None]
+
+
+def test_torch_device(compare, monkeypatch):
+    assert compare.torch_device("auto") == "cpu" and compare.torch_device("cpu") == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="no CUDA GPU here: install a CUDA build of torch"):
+        compare.torch_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(compare.jax, "default_backend", lambda: "gpu")
+    with pytest.raises(SystemExit, match=r"JAX sees 8 GPUs .* \(CUDA_VISIBLE_DEVICES=0\)"):
+        compare.torch_device("auto")
+
+
+def test_runs_without_the_input_pipeline_packages():
+    """The benchmarks need none of TensorFlow, TFDS and clu (GPU images often lack them)."""
+    code = f"""
+import importlib.util, json, sys
+for name in ("tensorflow", "tensorflow_datasets", "clu"):
+    sys.modules[name] = None  # importing it now fails
+spec = importlib.util.spec_from_file_location("compare", "{ROOT}/benchmarks/compare_pytorch.py")
+compare = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(compare)
+out = compare.main(["--config", "{ROOT}/configs/convmixer_1536_20.py", "--width", "8",
+                    "--depth", "1", "--patch_size", "4", "--batch_size", "8", "--image_size", "8",
+                    "--steps", "1", "--repeats", "1"])
+print(json.dumps([out["model"], out["jax"]["train_images_per_sec"] > 0]))
+"""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert json.loads(run.stdout.strip().splitlines()[-1]) == ["convmixer_1536_20", True]
