@@ -225,6 +225,8 @@ def compare(
                 if mode == "eager":
                     raise
                 skipped[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    if device == "cuda":
+        torch.cuda.empty_cache()  # PyTorch's cached blocks back to the card for XLA's compiler
     contenders["jax"] = jax_run = prepare_model(config)
     fns = {(name, kind): run[f"{kind}_once"] for name, run in contenders.items() for kind in KINDS}
     seconds = interleaved_seconds(fns, steps, repeats)
