@@ -44,7 +44,12 @@ from torch import nn
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from convmixer_jax import convert, hostmem, models  # noqa: E402
-from convmixer_jax.benchmark import interleaved_seconds, model_figures, prepare_model  # noqa: E402
+from convmixer_jax.benchmark import (  # noqa: E402
+    interleaved_seconds,
+    model_figures,
+    prepare_model,
+    train_tflops_per_sec,
+)
 from tests.torch_convmixer import TimmConvMixer  # noqa: E402
 
 LAYOUTS = ("nchw", "channels_last")
@@ -242,7 +247,7 @@ def compare(
         figures = {
             f"{kind}_images_per_sec": config.batch_size / seconds[name, kind] for kind in KINDS
         }
-        tflops = 3 * flops * figures["train_images_per_sec"] / 1e12  # one device
+        tflops = train_tflops_per_sec(flops, figures["train_images_per_sec"])  # one device
         torch_results[name] = {
             **figures,
             "train_tflops_per_sec": tflops,

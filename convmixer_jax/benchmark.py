@@ -173,6 +173,11 @@ def prepare_model(config) -> dict:
     }
 
 
+def train_tflops_per_sec(flops_per_image: float, images_per_sec: float, devices: int = 1) -> float:
+    """TFLOP/s per device of training at this rate: forward and backward, 3x the forward FLOPs."""
+    return 3 * flops_per_image * images_per_sec / 1e12 / devices
+
+
 def model_figures(
     config, run: dict, train_seconds: float, infer_seconds: float, peak_tflops: float = 0.0
 ) -> dict:
@@ -188,7 +193,7 @@ def model_figures(
         image_size=size,
     )
     train_ips = batch_size / train_seconds
-    train_tflops = 3 * flops * train_ips / 1e12 / jax.device_count()  # per device
+    train_tflops = train_tflops_per_sec(flops, train_ips, jax.device_count())
     device_kind = jax.devices()[0].device_kind
     peak = peak_tflops or PEAK_TFLOPS.get(device_kind)
     return {
