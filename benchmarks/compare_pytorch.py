@@ -340,6 +340,7 @@ def main(argv: list[str] | None = None) -> dict:
     config = load_config(args.config)
     config.dtype = args.dtype
     config.bn_group_size = 0  # PyTorch's BatchNorm normalises over the whole batch
+    config.mixup_alpha = config.cutmix_alpha = 0.0  # and its step does not mix
     for key in ("batch_size", "image_size"):
         if getattr(args, key):
             config[key] = getattr(args, key)

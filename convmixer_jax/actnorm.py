@@ -22,7 +22,9 @@ activations each, float32; sums in float per block of rows, then in double). `re
 2-core AMD EPYC VM, `jax.profiler.trace` with `XLA_FLAGS=--xla_cpu_enable_xprof_traceme=true`)
 XLA's passes for these layers took ~1.0 s of 2.1 s of op time, the kernels 0.53 s.
 
-Statistics are per group of images (the leading axis of `y`), float32 whatever `y`'s dtype.
+Statistics are per group of images (the leading axis of `y`), accumulated in float32 whatever
+`y`'s dtype; the bias add and the activation run in `y`'s dtype, so with bfloat16 the tensors XLA
+keeps for the backward pass are bfloat16 too (half the bytes: docs/accelerators.md).
 """
 
 from __future__ import annotations
@@ -100,9 +102,10 @@ def _forward(y, shift, scale, bias, residual, kind, eps, impl):
         )
         mean, var = (stats[:, i].reshape(_stat_shape(y)) for i in (0, 1))
         return out.reshape(y.shape).astype(y.dtype), mean, var, lax.rsqrt(var + eps)
-    a = activate(y.astype(jnp.float32) + shift, kind)
+    a = activate(y + shift.astype(y.dtype), kind)
     axes = _stat_axes(y)
-    mean = a.mean(axes, keepdims=True)
+    mean = jnp.mean(a, axes, keepdims=True, dtype=jnp.float32)
+    a = a.astype(jnp.float32)
     var = jnp.maximum(jnp.square(a).mean(axes, keepdims=True) - jnp.square(mean), 0.0)
     rstd = lax.rsqrt(var + eps)
     out = (a - mean) * (rstd * scale) + bias
@@ -149,14 +152,14 @@ def _bwd(kind, eps, impl, res, cts):
         )
         d_shift, d_scale, d_bias = (sums[:, i].sum(0).astype(scale.dtype) for i in (0, 1, 2))
         return d_y.reshape(y.shape).astype(y.dtype), d_shift, d_scale, d_bias, d_residual
-    yf = y.astype(jnp.float32) + shift
+    yb = y + shift.astype(y.dtype)
     axes = _stat_axes(y)
     m = math.prod(y.shape[1:-1])
-    x_hat = (activate(yf, kind) - mean) * rstd
+    x_hat = (activate(yb, kind).astype(jnp.float32) - mean) * rstd
     d_bias = g.sum(axes, keepdims=True)
     d_scale = (g * x_hat).sum(axes, keepdims=True)
     d_a = (scale * rstd) * (g - d_bias / m - x_hat * (d_scale / m))
-    d_y = d_a * _act_grad(yf, kind)
+    d_y = d_a * _act_grad(yb, kind).astype(jnp.float32)
     reduce = tuple(range(y.ndim - 1))
     return (
         d_y.astype(y.dtype),

@@ -3,20 +3,21 @@
     python -m convmixer_jax.benchmark model --config configs/X.py [--batch_size N]
         [--image_size S] [--steps N] [--dtype bfloat16] [--peak_tflops P]
     python -m convmixer_jax.benchmark data --config configs/X.py [--batch_size N]
-    python -m convmixer_jax.benchmark memory --config configs/X.py [--batch_sizes 16,32,64]
-        [--remats none,block,dots] [--dtype bfloat16]
+    python -m convmixer_jax.benchmark aot --config configs/X.py[:TARGET] [--target TARGET]
+        [--per_device_batch N] [--remat none|block|dots] [--dtype bfloat16]
 
 Each prints a table-like log and, as its last line, one JSON object. Timings exclude compilation
-and warm-up, block on the outputs, and are the median of `--repeats` timed runs.
+and warm-up, block on the outputs, and are the median of `--repeats` timed runs. `aot` compiles
+for a TPU or GPU target without the hardware (`aot.py`) and runs nothing.
 """
 
 from __future__ import annotations
 
-import functools
 import io
 import json
 import os
 import statistics
+import sys
 import time
 
 import jax
@@ -26,7 +27,9 @@ from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
-from convmixer_jax import hostmem
+from convmixer_jax import config as config_lib
+from convmixer_jax import hostmem, targets
+from convmixer_jax.aot import CompilerMissing
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a config file in configs/.")
@@ -37,22 +40,10 @@ flags.DEFINE_integer("repeats", 3, "Timed runs; the median is reported.")
 flags.DEFINE_string("dtype", "", "Compute dtype (float32 or bfloat16; '': the config's).")
 flags.DEFINE_float("peak_tflops", 0.0, "Peak dense TFLOP/s of one device (0: known table).")
 flags.DEFINE_integer("num_images", 256, "data: distinct JPEGs to cycle through.")
-flags.DEFINE_list("batch_sizes", ["16", "32", "64"], "memory: per-device batch sizes.")
-flags.DEFINE_list("remats", ["none", "block", "dots"], "memory: model.remat settings.")
+flags.DEFINE_string("target", "", "aot: a target of targets.py or 'cpu' ('': the config's).")
+flags.DEFINE_integer("per_device_batch", 0, "aot: images per device (0: the config's batch).")
+flags.DEFINE_string("remat", "", "aot: model.remat ('': the config's).")
 flags.mark_flags_as_required(["config"])
-
-# Dense bf16 peak TFLOP/s per device, by jax's device_kind.
-PEAK_TFLOPS = {
-    "NVIDIA H100 80GB HBM3": 989.0,
-    "NVIDIA H100": 989.0,
-    "NVIDIA H200": 989.0,
-    "NVIDIA A100-SXM4-80GB": 312.0,
-    "NVIDIA A100-SXM4-40GB": 312.0,
-    "TPU v4": 275.0,
-    "TPU v5 lite": 197.0,
-    "TPU v5": 459.0,
-    "TPU v6 lite": 918.0,
-}
 
 
 def median_seconds(fn, steps: int, repeats: int) -> float:
@@ -90,6 +81,7 @@ def _peak_memory(compiled) -> int | None:
 
 def benchmark_model(config, *, steps: int, repeats: int, peak_tflops: float = 0.0) -> dict:
     """Times the jitted, sharded train step and the eval forward pass on all devices."""
+    config_lib.validate(config, jax.device_count())
     run = prepare_model(config)
     seconds = interleaved_seconds(
         {"train": run["train_once"], "infer": run["infer_once"]}, steps, repeats
@@ -97,67 +89,49 @@ def benchmark_model(config, *, steps: int, repeats: int, peak_tflops: float = 0.
     return model_figures(config, run, seconds["train"], seconds["infer"], peak_tflops)
 
 
-def _train_parts(config):
-    """The class count, a function making the initial train state, the model's graphdef and the
-    train step (state, batch) -> (state, metrics) of `config`."""
-    from convmixer_jax import models, optim
-    from convmixer_jax import steps as steps_lib
+def _setup(config, mesh=None):
+    """The train setup of `config` (a 1000-step schedule) with its class count from the model."""
+    from convmixer_jax import models, state
 
     num_classes = models.config_architecture(config.model)["num_classes"]
-    tx = optim.create_optimizer(config, optim.onecycle_schedule(config.learning_rate, 1000))
-
-    def init():
-        model = models.from_config(config, num_classes, config.seed)
-        _, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-        return steps_lib.init_train_state(params, batch_stats, tx)
-
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: models.from_config(config, num_classes, 0)))
-    train_step = functools.partial(
-        steps_lib.train_step, graphdef=graphdef, tx=tx, label_smoothing=config.label_smoothing
-    )
-    return num_classes, init, graphdef, train_step
+    return state.create(config, num_classes, 1000, 1000.0, mesh)
 
 
 def prepare_model(config) -> dict:
     """The compiled, warmed-up train step and eval forward on all devices, as `train_once` and
     `infer_once` (each runs one batch), with `compile_seconds` and `peak_memory_bytes` of the
     train step."""
-    from convmixer_jax import sharding
+    from convmixer_jax import sharding, state
 
-    num_classes, init, graphdef, train_step = _train_parts(config)
-    mesh = sharding.create_mesh()
-    state_sharding = sharding.state_sharding(mesh, jax.eval_shape(init), config.sharding)
-    state = jax.jit(init, out_shardings=state_sharding)()
-
-    size, batch_size = config.image_size, config.batch_size
+    setup = _setup(config)
+    train_state = state.initial_state(setup)
     rng = np.random.default_rng(0)
+    shapes = state.batch_shapes(config, config.batch_size)
     batch = jax.device_put(
         {
-            "image": rng.normal(size=(batch_size, size, size, 3)).astype(np.float32),
-            "label": rng.integers(0, num_classes, batch_size).astype(np.int32),
+            "image": rng.normal(size=shapes["image"].shape).astype(shapes["image"].dtype),
+            "label": rng.integers(0, setup.num_classes, config.batch_size).astype(np.int32),
         },
-        sharding.batch_sharded(mesh),
-    )
-    step_fn = jax.jit(
-        train_step,
-        in_shardings=(state_sharding, sharding.batch_sharded(mesh)),
-        out_shardings=(state_sharding, sharding.replicated(mesh)),
-        donate_argnums=0,
+        sharding.batch_sharded(setup.mesh),
     )
     start = time.perf_counter()
-    compiled = step_fn.lower(state, batch).compile()
+    compiled = state.train_step(setup).lower(train_state, batch).compile()
     compile_seconds = time.perf_counter() - start
 
-    holder = {"state": state}
+    holder = {"state": train_state}
 
     def train_once():
         holder["state"], metrics = compiled(holder["state"], batch)
         return metrics
 
     def forward(params, batch_stats, images):
-        return nnx.merge(graphdef, params, batch_stats)(images, train=False)
+        return nnx.merge(setup.graphdef, params, batch_stats)(images, train=False)
 
-    infer = jax.jit(forward).lower(state["params"], state["batch_stats"], batch["image"]).compile()
+    infer = (
+        jax.jit(forward)
+        .lower(train_state["params"], train_state["batch_stats"], batch["image"])
+        .compile()
+    )
 
     def infer_once():
         s = holder["state"]
@@ -195,7 +169,7 @@ def model_figures(
     train_ips = batch_size / train_seconds
     train_tflops = train_tflops_per_sec(flops, train_ips, jax.device_count())
     device_kind = jax.devices()[0].device_kind
-    peak = peak_tflops or PEAK_TFLOPS.get(device_kind)
+    peak = peak_tflops or targets.PEAK_TFLOPS.get(device_kind)
     return {
         "model": config.model.name,
         "batch_size": batch_size,
@@ -218,31 +192,6 @@ def model_figures(
         "device_count": jax.device_count(),
         "malloc": hostmem.mode(),
     }
-
-
-def train_step_memory(config, per_device_batch: int) -> int | None:
-    """Peak bytes of one device's train step (XLA's memory analysis), compiled, never run."""
-    config.bn_group_size = 0  # per-group statistics need no more memory; groups may not divide
-    _, init, _, train_step = _train_parts(config)
-    size = config.image_size
-    batch = {
-        "image": jax.ShapeDtypeStruct((per_device_batch, size, size, 3), jnp.float32),
-        "label": jax.ShapeDtypeStruct((per_device_batch,), jnp.int32),
-    }
-    lowered = jax.jit(train_step, donate_argnums=0).lower(jax.eval_shape(init), batch)
-    return _peak_memory(lowered.compile())
-
-
-def benchmark_memory(config, batch_sizes: list[int], remats: list[str]) -> dict:
-    """{remat: {per-device batch: peak GiB}} for the train step."""
-    table = {}
-    for remat in remats:
-        config.model.remat = remat
-        table[remat] = {
-            b: round(train_step_memory(config, b) / 2**30, 2) for b in batch_sizes
-        }  # fmt: skip
-    return {"model": config.model.name, "dtype": config.dtype, "image_size": config.image_size,
-            "device_kind": jax.devices()[0].device_kind, "peak_gib": table}  # fmt: skip
 
 
 def _synthetic_jpegs(n: int, rng: np.random.Generator) -> list[bytes]:
@@ -301,11 +250,29 @@ def benchmark_data(config, *, num_images: int, steps: int, repeats: int) -> dict
     }
 
 
-def main(argv: list[str]) -> None:
-    if len(argv) != 2 or argv[1] not in ("model", "data", "memory"):
-        raise app.UsageError(
-            "usage: python -m convmixer_jax.benchmark model|data|memory --config FILE"
+def benchmark_aot(config) -> dict:
+    """`aot.figures` of `config` for --target (or the config's own `target`)."""
+    from convmixer_jax import aot
+
+    name = FLAGS.target or config.get("target", "")
+    if not name:
+        raise config_lib.ConfigError(
+            "target: pass --target NAME, or a config with one (--config FILE:TARGET)"
         )
+    target = aot.resolve(name)
+    aot.prepare(target)
+    devs = aot.devices(target)
+    if FLAGS.per_device_batch:
+        config.batch_size = FLAGS.per_device_batch * len(devs)
+        config.eval_batch_size = 0
+    if FLAGS.remat:
+        config.model.remat = FLAGS.remat
+    return aot.figures(config, target, devs)
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) != 2 or argv[1] not in ("model", "data", "aot"):
+        raise app.UsageError("usage: python -m convmixer_jax.benchmark model|data|aot --config F")
     config = FLAGS.config
     if FLAGS.batch_size:
         config.batch_size = FLAGS.batch_size
@@ -313,19 +280,22 @@ def main(argv: list[str]) -> None:
         config.image_size = FLAGS.image_size
     if FLAGS.dtype:
         config.dtype = FLAGS.dtype
-    if argv[1] == "model":
-        result = benchmark_model(
-            config, steps=FLAGS.steps, repeats=FLAGS.repeats, peak_tflops=FLAGS.peak_tflops
-        )
-    elif argv[1] == "memory":
-        batch_sizes = [int(b) for b in FLAGS.batch_sizes]
-        result = benchmark_memory(config, batch_sizes, FLAGS.remats)
-    else:
-        result = benchmark_data(
-            config, num_images=FLAGS.num_images, steps=FLAGS.steps, repeats=FLAGS.repeats
-        )
+    try:
+        if argv[1] == "model":
+            result = benchmark_model(
+                config, steps=FLAGS.steps, repeats=FLAGS.repeats, peak_tflops=FLAGS.peak_tflops
+            )
+        elif argv[1] == "aot":
+            result = benchmark_aot(config)
+        else:
+            result = benchmark_data(
+                config, num_images=FLAGS.num_images, steps=FLAGS.steps, repeats=FLAGS.repeats
+            )
+    except (config_lib.ConfigError, CompilerMissing) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     for key, value in result.items():
-        print(f"{key:>24}: {value}")
+        print(f"{key:>30}: {value}")
     print(json.dumps(result))
 
 

@@ -11,6 +11,7 @@ import re
 import ml_collections
 
 from convmixer_jax import models, pointwise
+from convmixer_jax.data.randaugment_spec import parse_randaugment
 from convmixer_jax.depthwise import IMPLS
 
 DATASETS = ("synthetic_shapes", "image_folder", "cifar10", "imagenet2012")
@@ -94,6 +95,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.bn_group_size = 0  # train BatchNorm statistics per group of images (paper: 64); 0: sync-BN.
 
     c.sharding = "replicated"  # training state: 'replicated' or 'fsdp' (sharded along 'data').
+    # The hardware this run is laid out for (--config FILE:TARGET), one of `targets`: the
+    # targets the config names, each with the per-device layout that fits it (`sized_for`).
+    c.target = ""
+    c.targets = ""
     c.seed = 0
     c.dtype = "bfloat16"
     c.log_every_steps = 100
@@ -130,6 +135,18 @@ def imagenet_config() -> ml_collections.ConfigDict:
     return c
 
 
+def sized_for(c: ml_collections.ConfigDict, target: str, layouts: dict[str, dict]):
+    """`c` laid out for `target`: `layouts` maps each target the config names to the fields
+    that differ there (remat, group sizes, ...); '' keeps the config's own layout. An unknown
+    target is reported by `validate`, as a one-line error."""
+    c.targets = ",".join(layouts)
+    c.target = target
+    for key, value in layouts.get(target, {}).items():
+        node, _, leaf = key.rpartition(".")
+        (c[node] if node else c)[leaf] = value
+    return c
+
+
 def extra_eval_datasets(c: ml_collections.ConfigDict) -> dict[str, str]:
     """The extra eval sets as {metric prefix: TFDS name}, e.g.
     {'eval_imagenet_v2': 'imagenet_v2/matched-frequency'}; ConfigError for a malformed list."""
@@ -157,12 +174,42 @@ def _require(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def group_sizes(batch_size: int, device_count: int) -> list[int]:
+    """Group sizes that never straddle devices: those dividing the per-device batch, and the
+    multiples of it that divide the batch (groups of whole devices)."""
+    per_device = batch_size // device_count
+    within = [g for g in range(1, per_device + 1) if per_device % g == 0]
+    spanning = [g for g in range(2 * per_device, batch_size + 1, per_device) if batch_size % g == 0]
+    return within + spanning
+
+
+def _check_group_layout(key: str, size: int, batch_size: int, device_count: int) -> None:
+    """A group (of Mixup draws or BatchNorm statistics) must lie inside one device's share of
+    the batch or span whole devices: one that straddles a device boundary makes XLA gather the
+    whole batch and compute it on every device."""
+    per_device = batch_size // device_count
+    if size == 0 or size in group_sizes(batch_size, device_count):
+        return
+    fits = [g for g in group_sizes(batch_size, device_count) if g >= min(8, per_device)]
+    raise ConfigError(
+        f"{key}: groups of {size} straddle the {per_device} images of each of {device_count} "
+        f"devices (batch_size {batch_size}); use 0 (the whole batch) or one of "
+        f"{', '.join(map(str, fits))}"
+    )
+
+
 def validate(c: ml_collections.ConfigDict, device_count: int) -> None:
     """Raises ConfigError naming the field and the fix; called before anything is compiled."""
     try:
         spec = models.get_spec(c.model.name)
     except ValueError as e:
         raise ConfigError(f"model.name: {e}") from None
+    named = [t for t in c.targets.split(",") if t]
+    _require(
+        not c.target or c.target in named,
+        f"target: this config is laid out for {', '.join(named) or 'no named target'}, not "
+        f"{c.target!r}; pass one of those after the file name (FILE:TARGET) or none",
+    )
     _require(c.dataset in DATASETS, f"dataset: {c.dataset!r} is unknown; use one of {DATASETS}")
     _require(
         c.dataset != "image_folder" or bool(c.data_dir),
@@ -223,8 +270,6 @@ def validate(c: ml_collections.ConfigDict, device_count: int) -> None:
         f"train_interpolation: {c.train_interpolation!r} is unknown; use {TRAIN_INTERPOLATIONS}",
     )
     if c.randaugment:
-        from convmixer_jax.data.augment import parse_randaugment  # TensorFlow: only when used
-
         try:
             parse_randaugment(c.randaugment)
         except ValueError as e:
@@ -239,6 +284,7 @@ def validate(c: ml_collections.ConfigDict, device_count: int) -> None:
             c[key] >= 0 and c.batch_size % max(c[key], 1) == 0,
             f"{key}: {c[key]} must be 0 (whole batch) or divide batch_size {c.batch_size}",
         )
+        _check_group_layout(key, c[key], c.batch_size, device_count)
     for key in ("log_every_steps", "checkpoint_every_steps"):
         _require(c[key] > 0, f"{key}: must be > 0")
     _require(c.eval_every_steps >= 0, "eval_every_steps: must be >= 0 (0: only at the end)")

@@ -245,6 +245,11 @@ def _check(x: jax.Array, kernel: jax.Array) -> None:
         )
 
 
+def auto_impl(platform: str) -> str:
+    """What 'auto' picks on `platform` ('cpu', 'gpu'/'cuda', 'tpu') where the kernels are usable."""
+    return _AUTO.get("gpu" if platform == "cuda" else platform, "xla")
+
+
 def resolve_impl(impl: str) -> str:
     """The concrete implementation `impl` names ('auto' resolved for the default backend).
 
@@ -252,7 +257,7 @@ def resolve_impl(impl: str) -> str:
     more than one device, or no compiler).
     """
     if impl == "auto":
-        choice = _AUTO.get(jax.default_backend(), "xla")
+        choice = auto_impl(jax.default_backend())
         if choice == "native" and not native.usable():
             return "shift"
         return choice

@@ -9,14 +9,19 @@ inserts the gathers; the numbers are the same either way.
 
 from __future__ import annotations
 
+import collections
+from collections.abc import Iterator
+
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 
-def create_mesh() -> Mesh:
-    """A 1-D mesh over all devices with an automatically (GSPMD) sharded 'data' axis."""
-    return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(AxisType.Auto,))
+def create_mesh(devices=None) -> Mesh:
+    """A 1-D mesh over `devices` (default: all of them) with an automatically (GSPMD) sharded
+    'data' axis."""
+    devices = jax.devices() if devices is None else list(devices)
+    return Mesh(np.array(devices), ("data",), axis_types=(AxisType.Auto,))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -42,6 +47,18 @@ def state_sharding(mesh: Mesh, abstract_state, mode: str):
     if mode == "fsdp":
         return jax.tree.map(lambda x: fsdp_sharding(mesh, x.shape), abstract_state)
     return jax.tree.map(lambda _: replicated(mesh), abstract_state)
+
+
+def prefetch(mesh: Mesh, local_batches: Iterator[dict], size: int = 2) -> Iterator[dict]:
+    """Global device batches of `local_batches`, `size` of them in flight: each batch is sent
+    to the devices (asynchronously) while the steps before it run."""
+    queue = collections.deque()
+    for local in local_batches:
+        queue.append(global_batch(mesh, local))
+        if len(queue) > size:
+            yield queue.popleft()
+    while queue:
+        yield queue.popleft()
 
 
 def global_batch(mesh: Mesh, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:

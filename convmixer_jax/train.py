@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import time
 from typing import Any
@@ -11,22 +10,12 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-import optax
 from absl import logging
 from etils import epath
-from flax import nnx
 
-from convmixer_jax import (
-    checkpointing,
-    mixing,
-    models,
-    optim,
-    preemption,
-    pretrained,
-    sharding,
-    steps,
-)
+from convmixer_jax import checkpointing, preemption, pretrained, sharding, steps
 from convmixer_jax import config as config_lib
+from convmixer_jax import state as state_lib
 from convmixer_jax.data import datasets, input_pipeline
 from convmixer_jax.metrics import create_writer
 
@@ -36,15 +25,9 @@ class Experiment:
     """Everything derived from a config before the first compilation."""
 
     config: ml_collections.ConfigDict
-    mesh: jax.sharding.Mesh
+    setup: state_lib.Setup  # model, optimizer, mesh and shardings
     builder: Any
-    num_classes: int
     total_steps: int
-    schedule: optax.Schedule
-    tx: optax.GradientTransformation
-    graphdef: nnx.GraphDef
-    abstract_state: steps.TrainState
-    state_sharding: Any
     # config.extra_eval_datasets' builders by metric prefix, e.g. {'eval_imagenet_v2': ...}.
     extra_eval: dict[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -65,70 +48,19 @@ def setup(config: ml_collections.ConfigDict) -> Experiment:
     train_examples = builder.info.splits[config.train_split].num_examples
     steps_per_epoch = train_examples / config.batch_size
     total_steps = config.num_train_steps or max(1, math.ceil(config.num_epochs * steps_per_epoch))
-    schedule = optim.create_schedule(config, total_steps, steps_per_epoch)
-    tx = optim.create_optimizer(config, schedule)
-    mesh = sharding.create_mesh()
-
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: models.from_config(config, num_classes, 0)))
-    abstract_state = jax.eval_shape(
-        functools.partial(_init_state, config, tx, num_classes, config.seed)
-    )
-    state_sharding = sharding.state_sharding(mesh, abstract_state, config.sharding)
-    return Experiment(
-        config,
-        mesh,
-        builder,
-        num_classes,
-        total_steps,
-        schedule,
-        tx,
-        graphdef,
-        abstract_state,
-        state_sharding,
-        extra_eval,
-    )
-
-
-def _init_state(config, tx, num_classes: int, seed: int) -> steps.TrainState:
-    model = models.from_config(config, num_classes, seed)
-    _, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-    return steps.init_train_state(params, batch_stats, tx)
+    setup = state_lib.create(config, num_classes, total_steps, steps_per_epoch)
+    return Experiment(config, setup, builder, total_steps, extra_eval)
 
 
 def initial_state(exp: Experiment) -> steps.TrainState:
-    """Freshly initialised training state, created directly with its (replicated) sharding."""
-    init = functools.partial(_init_state, exp.config, exp.tx, exp.num_classes, exp.config.seed)
-    state = jax.jit(init, out_shardings=exp.state_sharding)()
+    """Freshly initialised training state (or the weights of config.init_from), sharded."""
+    state = state_lib.initial_state(exp.setup)
     return pretrained.init_from(exp.config.init_from, state) if exp.config.init_from else state
 
 
 def compile_steps(exp: Experiment):
     """The jitted train step (state donated) and eval step, with explicit shardings."""
-    batch = sharding.batch_sharded(exp.mesh)
-    repl = sharding.replicated(exp.mesh)
-    train = jax.jit(
-        functools.partial(
-            steps.train_step,
-            graphdef=exp.graphdef,
-            tx=exp.tx,
-            label_smoothing=exp.config.label_smoothing,
-            mixing=mixing.from_config(exp.config, exp.num_classes),
-            seed=exp.config.seed,
-        ),
-        in_shardings=(exp.state_sharding, batch),
-        out_shardings=(exp.state_sharding, repl),
-        donate_argnums=0,
-    )
-    evaluate = jax.jit(
-        functools.partial(steps.eval_step, graphdef=exp.graphdef),
-        in_shardings=(
-            exp.state_sharding["params"],
-            exp.state_sharding["batch_stats"],
-            batch,
-        ),
-        out_shardings=repl,
-    )
-    return train, evaluate
+    return state_lib.train_step(exp.setup), state_lib.eval_step(exp.setup)
 
 
 def run_eval(exp: Experiment, eval_fn, state, eval_data, prefix: str = "eval") -> dict[str, float]:
@@ -142,7 +74,7 @@ def run_eval(exp: Experiment, eval_fn, state, eval_data, prefix: str = "eval") -
     totals: dict[str, float] = {}
     for local in input_pipeline.as_numpy(eval_ds):
         sums = eval_fn(
-            state["params"], state["batch_stats"], sharding.global_batch(exp.mesh, local)
+            state["params"], state["batch_stats"], sharding.global_batch(exp.setup.mesh, local)
         )
         for k, v in jax.device_get(sums).items():
             totals[k] = totals.get(k, 0.0) + float(v)
@@ -207,8 +139,13 @@ def _prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
         ) from None
 
 
+def _restore_target(exp: Experiment):
+    """The abstract train state with its shardings, as checkpoints are restored into."""
+    return checkpointing.abstract_with_sharding(exp.setup.abstract_state, exp.setup.state_sharding)
+
+
 def _restore_or_init(exp: Experiment, manager) -> steps.TrainState:
-    target = checkpointing.abstract_with_sharding(exp.abstract_state, exp.state_sharding)
+    target = _restore_target(exp)
     state, step = checkpointing.restore_newest(manager, target, move_aside=True)
     if state is None:
         return initial_state(exp)
@@ -249,11 +186,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     writer = create_writer(workdir)
     local_batch = config.batch_size // jax.process_count()
     skipped_images = input_pipeline.counter()
-    train_iter = input_pipeline.as_numpy(
-        input_pipeline.train_dataset(
-            exp.builder, config, local_batch=local_batch, start_step=step, skipped=skipped_images
-        )
+    train_ds = input_pipeline.train_dataset(
+        exp.builder, config, local_batch=local_batch, start_step=step, skipped=skipped_images
     )
+    train_iter = sharding.prefetch(exp.setup.mesh, input_pipeline.as_numpy(train_ds))
     eval_ds = _eval_sets(exp)
 
     with preemption.Guard() as guard:
@@ -278,8 +214,7 @@ def _train_loop(
     timer_start, timer_step = None, step
     eval_metrics: dict[str, float] = {}
     while step < exp.total_steps:
-        batch = sharding.global_batch(exp.mesh, next(train_iter))
-        state, metrics = train_fn(state, batch)
+        state, metrics = train_fn(state, next(train_iter))
         step += 1
         pending.append(metrics)
         if timer_start is None:  # exclude compilation from the throughput
@@ -318,7 +253,7 @@ def _log_train(writer, exp: Experiment, step: int, rows, steps_per_sec: float, s
     scalars = {
         f"train/{k}": float(np.mean([r[k] for r in rows])) for k in rows[0] if k != "nonfinite"
     }
-    scalars["train/lr"] = float(exp.schedule(step - 1))
+    scalars["train/lr"] = float(exp.setup.schedule(step - 1))
     scalars["train/images_per_sec"] = steps_per_sec * exp.config.batch_size
     scalars.update(skipped)
     writer.write_scalars(step, scalars)
@@ -340,7 +275,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float
     exp = setup(config)
     directory, step = checkpointing.resolve(config.checkpoint or workdir)
     manager = checkpointing.create_manager(directory, read_only=True)
-    target = checkpointing.abstract_with_sharding(exp.abstract_state, exp.state_sharding)
+    target = _restore_target(exp)
     if step is None:
         state, step = checkpointing.restore_newest(
             manager, target, model_only=True, move_aside=False

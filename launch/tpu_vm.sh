@@ -122,7 +122,7 @@ wait_active() {
 
 cmd_setup() {
   local tarball="${TMPDIR:-/tmp}/convmixer_jax-$name.tar.gz"
-  run tar -czf "$tarball" --exclude=.git --exclude=.venv --exclude=__pycache__ \
+  run tar -czf "$tarball" --exclude=.git --exclude=.venv --exclude=.venv-aot --exclude=__pycache__ \
     --exclude='*.egg-info' --exclude=.pytest_cache --exclude=.ruff_cache --exclude=runs \
     -C "$REPO" .
   run gcloud compute tpus tpu-vm scp "$tarball" "$name:convmixer_jax.tar.gz" "${loc[@]}" \

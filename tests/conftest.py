@@ -30,10 +30,11 @@ def synthetic_data_dir(tmp_path_factory):
     return data_dir
 
 
-def write_image_folder(root, counts, size=(20, 28), seed=0):
+def write_image_folder(root, counts, size=(20, 28), seed=0, textured=False):
     """Writes ROOT/<split>/<class>/<i>.{jpg,png}; counts: {split: {class: n}}.
 
-    Each image is a flat colour that encodes its class index in the red channel.
+    Each image is a flat colour that encodes its class index in the red channel; `textured`
+    adds noise to the other two, so that crops and flips change what a model sees.
     """
     rng = np.random.default_rng(seed)
     classes = sorted({c for per_split in counts.values() for c in per_split})
@@ -45,6 +46,8 @@ def write_image_folder(root, counts, size=(20, 28), seed=0):
                 value = 40 * classes.index(cls) + 20
                 pixels = np.full((*size, 3), value, np.uint8)
                 pixels[..., 1:] = rng.integers(0, 255, 2, dtype=np.uint8)
+                if textured:
+                    pixels[..., 1:] = rng.integers(0, 255, (*size, 2), dtype=np.uint8)
                 ext = "png" if i % 2 else "jpg"
                 Image.fromarray(pixels).save(folder / f"{i}.{ext}")
     return root

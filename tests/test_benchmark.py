@@ -1,9 +1,6 @@
-"""python -m convmixer_jax.benchmark: the model and memory figures, on a small ConvMixer."""
+"""python -m convmixer_jax.benchmark: the model figures, on a small ConvMixer (aot: test_aot.py)."""
 
 import importlib.util
-import json
-import subprocess
-import sys
 
 import jax
 import pytest
@@ -50,31 +47,3 @@ def test_figures_name_the_implementations_that_ran(monkeypatch, remat, pointwise
     assert (out["depthwise_impl"], out["pointwise_impl"]) == ("native", pointwise_impl)
     assert out["train_images_per_sec"] == 16 and out["infer_images_per_sec"] == 32
     assert out["mfu"] is None  # no known peak for CPUs
-
-
-def test_memory_grows_with_batch_and_falls_with_remat():
-    peak = {
-        (remat, batch): benchmark.train_step_memory(
-            _small_config(width=64, depth=6, remat=remat), batch
-        )
-        for remat in ("none", "block")
-        for batch in (8, 32)
-    }
-    for remat in ("none", "block"):
-        assert 0 < peak[remat, 8] < peak[remat, 32]
-    assert peak["block", 32] < peak["none", 32]
-
-
-def test_memory_command_prints_json_last():
-    result = subprocess.run(
-        [sys.executable, "-m", "convmixer_jax.benchmark", "memory",
-         "--config", f"{ROOT}/configs/quickstart.py", "--config.model.width=64",
-         "--config.model.depth=6", "--config.model.kernel_size=3", "--image_size", "32",
-         "--batch_sizes", "32", "--remats", "none"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    out = json.loads(result.stdout.strip().splitlines()[-1])
-    assert (out["model"], out["image_size"], out["dtype"]) == ("convmixer_tiny", 32, "float32")
-    want = benchmark.train_step_memory(_small_config(32, width=64, depth=6), 32) / 2**30
-    assert out["peak_gib"] == {"none": {"32": round(want, 2)}} and want > 0.01

@@ -1,6 +1,7 @@
 """Input pipelines: determinism, exact resume position, exact eval counting, per-host splits."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -18,6 +19,7 @@ def _config(data_dir, **overrides):
     c.crop_pct = 1.0
     c.cache_data = True
     c.shuffle_buffer = 1000
+    c.dtype = "float32"
     c.update(overrides)
     return c
 
@@ -51,6 +53,20 @@ def test_train_stream_is_deterministic_and_resumes_exactly(synthetic_data_dir):
     labels = np.concatenate([b["label"] for b in full[:78]])
     counts = np.bincount(labels, minlength=10)
     assert counts.sum() == 4992 and counts.min() >= 490
+
+
+def test_images_leave_the_host_in_the_compute_dtype(synthetic_data_dir):
+    builder = datasets.get_builder(_config(synthetic_data_dir))
+    out = {}
+    for dtype in ("float32", "bfloat16"):
+        c = _config(synthetic_data_dir, dtype=dtype)
+        train = _batches(input_pipeline.train_dataset(builder, c, local_batch=16), 2)
+        evals = _batches(input_pipeline.eval_dataset(builder, c, "test", local_batch=600), 2)
+        out[dtype] = [b["image"] for b in train + evals]  # the second eval batch is padded
+    for f32, bf16 in zip(out["float32"], out["bfloat16"], strict=True):
+        assert f32.dtype == np.float32 and bf16.dtype == jnp.bfloat16
+        np.testing.assert_array_equal(bf16, f32.astype(jnp.bfloat16))
+        assert np.abs(f32).max() > 0.5  # real images, not padding only
 
 
 def test_eval_counts_every_example_once_with_padding(synthetic_data_dir):

@@ -142,10 +142,12 @@ def _predictions(c, workdir) -> dict[str, int]:
     """The restored model's top-1 class for every validation image, by file name."""
     exp = train.setup(c)
     manager = checkpointing.create_manager(epath.Path(workdir) / "checkpoints", read_only=True)
-    target = checkpointing.abstract_with_sharding(exp.abstract_state, exp.state_sharding)
+    target = checkpointing.abstract_with_sharding(
+        exp.setup.abstract_state, exp.setup.state_sharding
+    )
     state, _ = checkpointing.restore_newest(manager, target, model_only=True, move_aside=False)
     manager.close()
-    model = nnx.merge(exp.graphdef, state["params"], state["batch_stats"])
+    model = nnx.merge(exp.setup.graphdef, state["params"], state["batch_stats"])
     split = input_pipeline.process_split(exp.builder, "validation", drop_remainder=False)
     records = list(split.records)
     images = tf.stack([input_pipeline.eval_preprocess(r[0], c) for r in records]).numpy()

@@ -107,6 +107,7 @@ def test_tpu_all_on_a_v4_32_pod_slice(tmp_path):
             tarball,
             "--exclude=.git",
             "--exclude=.venv",
+            "--exclude=.venv-aot",
             "--exclude=__pycache__",
             "--exclude=*.egg-info",
             "--exclude=.pytest_cache",

@@ -202,14 +202,23 @@ def test_deterministic_from_the_key():
     assert not np.allclose(a[1], c[1])
 
 
-def test_sharded_batch_matches_numpy_reference_of_the_drawn_params():
+@pytest.mark.parametrize("group_size", [4, 2, 8, 16])
+def test_sharded_batch_matches_numpy_reference_of_the_drawn_params(group_size):
+    """32 images on 8 devices (4 each): groups inside a device, and groups spanning 2 and 4."""
     mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
     data = NamedSharding(mesh, P("data"))
     key = jax.random.key(3)
-    images, targets = _mix(key, jax.device_put(X, data), jax.device_put(LABELS, data))
-    params = mixing.sample_params(key, 8, 6, 6, **MIX_KW)
-    assert 0 < int(params.use_cutmix.sum()) < 8  # both modes occur in this draw
-    want_images, want_targets = np_mix(X, LABELS, params, 4, 10, 0.1)
+    mix = jax.jit(
+        functools.partial(
+            mixing.mix_batch, num_classes=10, label_smoothing=0.1, group_size=group_size, **MIX_KW
+        )
+    )
+    images, targets = mix(key, jax.device_put(X, data), jax.device_put(LABELS, data))
+    groups = 32 // group_size
+    params = mixing.sample_params(key, groups, 6, 6, **MIX_KW)
+    if groups >= 8:
+        assert 0 < int(params.use_cutmix.sum()) < groups  # both modes occur in this draw
+    want_images, want_targets = np_mix(X, LABELS, params, group_size, 10, 0.1)
     np.testing.assert_allclose(images, want_images, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(targets, want_targets, rtol=1e-6, atol=1e-7)
 
@@ -334,6 +343,30 @@ def test_group_batch_norm_matches_numpy_per_group():
     want_eval = (x - np.asarray(bn.mean[...])) / np.sqrt(np.asarray(bn.var[...]) + 1e-5)
     want_eval = want_eval * np.asarray(bn.scale[...]) + np.asarray(bn.bias[...])
     np.testing.assert_allclose(y_eval, want_eval, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("group_size", [2, 4, 8, 16])
+def test_sharded_group_statistics_match_numpy(group_size):
+    """32 images on 8 devices (4 each), groups inside a device and spanning 2 or 4 of them."""
+    bn = _bn(group_size=group_size)
+    graphdef, variables = nnx.split(bn)
+    x = np.random.default_rng(8).normal(1.0, 2.0, size=(32, 3, 3, 5)).astype(np.float32)
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+
+    def train_mode(variables, x):
+        bn = nnx.merge(graphdef, variables)
+        return bn(x, use_running_average=False), nnx.state(bn)
+
+    fn = jax.jit(train_mode, in_shardings=(None, NamedSharding(mesh, P("data"))))
+    y, new = fn(variables, jax.device_put(x, NamedSharding(mesh, P("data"))))
+    groups = x.astype(np.float64).reshape(32 // group_size, group_size, 3, 3, 5)
+    mean = groups.mean(axis=(1, 2, 3), keepdims=True)
+    var = groups.var(axis=(1, 2, 3), keepdims=True)
+    scale, bias = np.asarray(bn.scale[...]), np.asarray(bn.bias[...])
+    want = (groups - mean) / np.sqrt(var + 1e-5) * scale + bias
+    np.testing.assert_allclose(y, want.reshape(x.shape), rtol=1e-4, atol=1e-5)
+    want_mean = 0.9 * np.asarray(bn.mean[...]) + 0.1 * mean.mean(axis=(0, 1, 2, 3)).ravel()
+    np.testing.assert_allclose(new["mean"][...], want_mean, rtol=1e-5)
 
 
 def test_group_size_zero_is_plain_flax_batch_norm():

@@ -47,8 +47,9 @@ def _env(devices: int) -> dict[str, str]:
 
 
 def _flags(root, workdir, steps, *extra):
-    # Full-dataset batches (32 images): the global batch is the same set of examples however
-    # the hosts split the data, so one and two processes must compute the same thing.
+    # Full-dataset batches (32 textured images, random crops and flips): the global batch is the
+    # same set of examples however the processes split the data, and each example is augmented
+    # with a key from its index in the split, so one and two processes compute the same thing.
     return [
         "--config", "configs/quickstart.py", "--workdir", str(workdir),
         "--config.dataset=image_folder", f"--config.data_dir={root}",
@@ -90,11 +91,12 @@ def _run_one_process(args):
     assert res.returncode == 0, res.stderr[-3000:]
 
 
-def test_two_processes_equal_one(tmp_path):
+def test_two_processes_equal_one_on_the_same_global_batches(tmp_path):
     root = write_image_folder(
         tmp_path / "images",
         {"train": {c: 8 for c in "abcd"}, "test": {"a": 3, "b": 3, "c": 2, "d": 3}},
         size=(16, 16),
+        textured=True,
     )
     one, two = tmp_path / "one", tmp_path / "two"
     # Train 2 steps, then resume to 4, then evaluate: the same sequence on both layouts.

@@ -311,7 +311,10 @@ def train_batches(
     start_step: int = 0,
     skipped: tf.Variable | None = None,
 ) -> tf.data.Dataset:
-    """The train stream of `split` (this process's share of a split of `split_size` examples)."""
+    """The train stream of `split` (this process's share of a split of `split_size` examples).
+
+    Images leave the host in the compute dtype (config.dtype), which the model casts them to
+    first anyway: bfloat16 halves the bytes sent to the devices."""
     if split.num_examples < local_batch:
         raise DataError(
             f"the {config.train_split!r} split has {split.num_examples} examples per process, "
@@ -330,7 +333,8 @@ def train_batches(
 
     def preprocess(position, rec):
         key = tf.random.experimental.stateless_fold_in(base_key, position)
-        return {"image": train_preprocess(rec[0], key, config), "label": rec[1]}
+        image = tf.cast(train_preprocess(rec[0], key, config), config.dtype)
+        return {"image": image, "label": rec[1]}
 
     ds = tf.data.Dataset.range(first_epoch, np.iinfo(np.int64).max).flat_map(epoch).skip(offset)
     ds = _guard_images(ds, config, skipped, lambda position, rec: rec)
@@ -354,7 +358,7 @@ def eval_dataset(
     real_classes = real_label_classes(builder)
 
     def preprocess(encoded, label, name, *real):
-        image = eval_preprocess(encoded, config)
+        image = tf.cast(eval_preprocess(encoded, config), config.dtype)
         example = {"image": image, "label": label, "mask": tf.constant(1, tf.int32)}
         if real:
             counts = tf.math.bincount(real[0], minlength=real_classes, maxlength=real_classes)
@@ -362,7 +366,7 @@ def eval_dataset(
         return example
 
     pad = {
-        "image": tf.zeros([size, size, 3], tf.float32),
+        "image": tf.zeros([size, size, 3], config.dtype),
         "label": tf.constant(0, tf.int32),
         "mask": tf.constant(0, tf.int32),
     }
