@@ -20,10 +20,11 @@ memory (the two frameworks share the card), and each side reports its peak memor
 analysis of the compiled train step for JAX, the caching allocator's peak over one train step and
 one inference for each PyTorch contender. Timings exclude warm-up and compilation and are the median
 of `--repeats` rounds; each round times `--steps` steps of every contender in turn (PyTorch's
-layouts, then JAX; train, then inference), so a slow spell of the machine falls on all of them. Like
-the package's commands it runs under `convmixer_jax.hostmem`'s malloc settings (both frameworks
-allocate through glibc; CONVMIXER_MALLOC=default runs it without them). Prints a table, then as its
-last line one JSON object with both sides' images/s and the ratios JAX / PyTorch.
+layouts, then JAX; train, then inference), so a slow spell of the machine falls on all of them.
+Like the package's commands it runs under `convmixer_jax.runtime.hostmem`'s malloc settings (both
+frameworks allocate through glibc; CONVMIXER_MALLOC=default runs it without them). Prints a
+table, then as its last line one JSON object with both sides' images/s and the ratios JAX /
+PyTorch.
 """
 
 from __future__ import annotations
@@ -42,15 +43,20 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
-from convmixer_jax import convert, hostmem, models  # noqa: E402
+from torch_convmixer import TimmConvMixer  # noqa: E402
+
 from convmixer_jax.benchmark import (  # noqa: E402
     interleaved_seconds,
     model_figures,
     prepare_model,
     train_tflops_per_sec,
 )
-from tests.torch_convmixer import TimmConvMixer  # noqa: E402
+from convmixer_jax.model import registry  # noqa: E402
+from convmixer_jax.model.convmixer import ConvMixer  # noqa: E402
+from convmixer_jax.runtime import hostmem  # noqa: E402
+from convmixer_jax.weights import convert  # noqa: E402
 
 LAYOUTS = ("nchw", "channels_last")
 DEVICES = ("auto", "cpu", "cuda")
@@ -73,7 +79,7 @@ _JAX_KEYS = (
 
 
 def torch_from_jax(
-    jax_model: models.ConvMixer, *, width, depth, kernel_size, patch_size, num_classes, activation
+    jax_model: ConvMixer, *, width, depth, kernel_size, patch_size, num_classes, activation
 ) -> TimmConvMixer:
     """A PyTorch ConvMixer of this architecture holding `jax_model`'s weights and statistics."""
     model = TimmConvMixer(width, depth, kernel_size, patch_size, num_classes, activation)
@@ -88,8 +94,8 @@ def torch_from_jax(
 
 def torch_model(config: ml_collections.ConfigDict) -> TimmConvMixer:
     """The config's architecture in PyTorch, with the JAX model's initial weights."""
-    arch = models.config_architecture(config.model)
-    return torch_from_jax(models.from_config(config, arch["num_classes"], config.seed), **arch)
+    arch = registry.config_architecture(config.model)
+    return torch_from_jax(registry.from_config(config, arch["num_classes"], config.seed), **arch)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -263,7 +269,7 @@ def compare(
         ratios[f"{kind}_vs"] = {n: ours / r[key] for n, r in torch_results.items()}
     return {
         "model": config.model.name,
-        **models.config_architecture(config.model),
+        **registry.config_architecture(config.model),
         "batch_size": config.batch_size,
         "image_size": config.image_size,
         "dtype": config.dtype,

@@ -5,7 +5,7 @@
 Each function is jit-compiled and warmed up once (compile time excluded); the figure is the median
 wall time of `--repeats` calls, each ending in `block_until_ready`. Prints a table, then one JSON
 line with the same numbers.
-Runs under `convmixer_jax.hostmem`'s malloc settings, as the package's commands do.
+Runs under `convmixer_jax.runtime.hostmem`'s malloc settings, as the package's commands do.
 """
 
 from __future__ import annotations
@@ -20,9 +20,10 @@ import jax.numpy as jnp
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from convmixer_jax import hostmem  # noqa: E402
+from convmixer_jax import ops  # noqa: E402
 from convmixer_jax.benchmark import median_seconds  # noqa: E402
-from convmixer_jax.depthwise import IMPLS, depthwise_conv  # noqa: E402
+from convmixer_jax.ops.policy import DEPTHWISE as IMPLS  # noqa: E402
+from convmixer_jax.runtime import hostmem  # noqa: E402
 
 
 def _time(fn, *args, repeats: int) -> float:
@@ -49,11 +50,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     results = {}
     for impl in args.impls:
-        fwd = jax.jit(lambda x, kernel, impl=impl: depthwise_conv(x, kernel, impl=impl))
+        fwd = jax.jit(lambda x, kernel, impl=impl: ops.depthwise_conv(x, kernel, impl))
 
         def fwd_bwd(x, kernel, g, impl=impl):
             # Output and both gradients for the cotangent g, as inside a network.
-            y, vjp = jax.vjp(lambda x, kernel: depthwise_conv(x, kernel, impl=impl), x, kernel)
+            y, vjp = jax.vjp(lambda x, kernel: ops.depthwise_conv(x, kernel, impl), x, kernel)
             return y, vjp(g)
 
         fwd_bwd = jax.jit(fwd_bwd)

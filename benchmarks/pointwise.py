@@ -7,7 +7,7 @@ on its own and warmed up once (compile time excluded). The figure is the median 
 `--repeats` calls, each blocked on; the implementations alternate for `--rounds` rounds, so a
 slow spell of the machine shows in every implementation's figures. Prints a table, then one JSON
 line with the same numbers.
-Runs under `convmixer_jax.hostmem`'s malloc settings, as the package's commands do.
+Runs under `convmixer_jax.runtime.hostmem`'s malloc settings, as the package's commands do.
 """
 
 from __future__ import annotations
@@ -22,19 +22,20 @@ import jax.numpy as jnp
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from convmixer_jax import hostmem  # noqa: E402
+from convmixer_jax import ops  # noqa: E402
 from convmixer_jax.benchmark import median_seconds  # noqa: E402
-from convmixer_jax.pointwise import IMPLS, pointwise  # noqa: E402
+from convmixer_jax.ops.policy import POINTWISE as IMPLS  # noqa: E402
+from convmixer_jax.runtime import hostmem  # noqa: E402
 
 
 def _products(impl: str) -> dict:
     """name -> jitted fn(x, w, g): the product and, through jax.vjp, each gradient alone."""
 
     def grads(x, w, g):
-        return jax.vjp(lambda x, w: pointwise(x, w, impl=impl), x, w)[1](g)
+        return jax.vjp(lambda x, w: ops.pointwise_conv(x, w[None, None], impl), x, w)[1](g)
 
     return {
-        "product": jax.jit(lambda x, w, g: pointwise(x, w, impl=impl)),
+        "product": jax.jit(lambda x, w, g: ops.pointwise_conv(x, w[None, None], impl)),
         "dx": jax.jit(lambda x, w, g: grads(x, w, g)[0]),
         "dw": jax.jit(lambda x, w, g: grads(x, w, g)[1]),
     }

@@ -8,7 +8,7 @@ random crop at scale 1, flip, RandAugment (n=2, m=12), no erasing. Expected: ~92
 Sized for one GPU/TPU chip (a few minutes); on a 2-core CPU one epoch takes roughly half an hour.
 """
 
-from convmixer_jax.config import base_config
+from convmixer_jax.train.config import base_config
 
 
 def get_config():

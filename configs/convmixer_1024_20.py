@@ -16,7 +16,7 @@ by `python -m convmixer_jax.benchmark aot --config FILE:TARGET` (docs/accelerato
 Expected: 76.94% top-1 (the authors' result).
 """
 
-from convmixer_jax.config import imagenet_config, sized_for
+from convmixer_jax.train.config import imagenet_config, sized_for
 
 GROUPS_OF_80 = {"bn_group_size": 80, "mixup_group_size": 80}
 LAYOUTS = {

@@ -7,7 +7,7 @@ README for the measured time and accuracy). Needs no download: the dataset is ge
 data_dir (TFDS's default directory) on first use.
 """
 
-from convmixer_jax.config import base_config
+from convmixer_jax.train.config import base_config
 
 
 def get_config():

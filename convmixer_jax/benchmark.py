@@ -8,7 +8,7 @@
 
 Each prints a table-like log and, as its last line, one JSON object. Timings exclude compilation
 and warm-up, block on the outputs, and are the median of `--repeats` timed runs. `aot` compiles
-for a TPU or GPU target without the hardware (`aot.py`) and runs nothing.
+for a TPU or GPU target without the hardware (`aot/compile.py`) and runs nothing.
 """
 
 from __future__ import annotations
@@ -21,15 +21,15 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
-from convmixer_jax import config as config_lib
-from convmixer_jax import hostmem, targets
-from convmixer_jax.aot import CompilerMissing
+from convmixer_jax.aot import targets
+from convmixer_jax.aot.compile import CompilerMissing, peak_bytes
+from convmixer_jax.runtime import hostmem
+from convmixer_jax.train import config as config_lib
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a config file in configs/.")
@@ -67,18 +67,6 @@ def interleaved_seconds(fns: dict, steps: int, repeats: int) -> dict:
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def _peak_memory(compiled) -> int | None:
-    analysis = compiled.memory_analysis()
-    if analysis is None:
-        return None
-    return int(
-        analysis.temp_size_in_bytes
-        + analysis.argument_size_in_bytes
-        + analysis.output_size_in_bytes
-        - analysis.alias_size_in_bytes
-    )
-
-
 def benchmark_model(config, *, steps: int, repeats: int, peak_tflops: float = 0.0) -> dict:
     """Times the jitted, sharded train step and the eval forward pass on all devices."""
     config_lib.validate(config, jax.device_count())
@@ -91,9 +79,10 @@ def benchmark_model(config, *, steps: int, repeats: int, peak_tflops: float = 0.
 
 def _setup(config, mesh=None):
     """The train setup of `config` (a 1000-step schedule) with its class count from the model."""
-    from convmixer_jax import models, state
+    from convmixer_jax.model import registry
+    from convmixer_jax.train import state
 
-    num_classes = models.config_architecture(config.model)["num_classes"]
+    num_classes = registry.config_architecture(config.model)["num_classes"]
     return state.create(config, num_classes, 1000, 1000.0, mesh)
 
 
@@ -101,7 +90,8 @@ def prepare_model(config) -> dict:
     """The compiled, warmed-up train step and eval forward on all devices, as `train_once` and
     `infer_once` (each runs one batch), with `compile_seconds` and `peak_memory_bytes` of the
     train step."""
-    from convmixer_jax import sharding, state
+    from convmixer_jax.model import inference
+    from convmixer_jax.train import sharding, state
 
     setup = _setup(config)
     train_state = state.initial_state(setup)
@@ -125,7 +115,7 @@ def prepare_model(config) -> dict:
         return metrics
 
     def forward(params, batch_stats, images):
-        return nnx.merge(setup.graphdef, params, batch_stats)(images, train=False)
+        return inference.reparameterize(nnx.merge(setup.graphdef, params, batch_stats))(images)
 
     infer = (
         jax.jit(forward)
@@ -143,7 +133,8 @@ def prepare_model(config) -> dict:
         "train_once": train_once,
         "infer_once": infer_once,
         "compile_seconds": compile_seconds,
-        "peak_memory_bytes": _peak_memory(compiled),
+        "peak_memory_bytes": peak_bytes(compiled),
+        "impls": setup.impls,
     }
 
 
@@ -157,11 +148,12 @@ def model_figures(
 ) -> dict:
     """The JSON record of `prepare_model`'s `run` at these seconds per batch; the implementations
     are those that ran ('auto' resolved)."""
-    from convmixer_jax import depthwise, models, pointwise
+    from convmixer_jax.model import flops as flops_lib
+    from convmixer_jax.model import registry
 
-    arch = models.config_architecture(config.model)
+    arch = registry.config_architecture(config.model)
     num_classes, size, batch_size = arch["num_classes"], config.image_size, config.batch_size
-    flops = models.forward_flops(
+    flops = flops_lib.forward_flops(
         **{k: arch[k] for k in ("width", "depth", "kernel_size", "patch_size")},
         num_classes=num_classes,
         image_size=size,
@@ -175,11 +167,8 @@ def model_figures(
         "batch_size": batch_size,
         "image_size": size,
         "dtype": config.dtype,
-        "depthwise_impl": depthwise.resolve_impl(config.model.depthwise_impl),
-        "pointwise_impl": pointwise.resolve_impl(
-            models.pointwise_impl_under_remat(config.model.pointwise_impl, config.model.remat),
-            jnp.dtype(config.dtype),
-        ),
+        "depthwise_impl": run["impls"].depthwise,
+        "pointwise_impl": run["impls"].pointwise,
         "train_images_per_sec": train_ips,
         "infer_images_per_sec": batch_size / infer_seconds,
         "model_flops_per_image": flops,
@@ -252,7 +241,7 @@ def benchmark_data(config, *, num_images: int, steps: int, repeats: int) -> dict
 
 def benchmark_aot(config) -> dict:
     """`aot.figures` of `config` for --target (or the config's own `target`)."""
-    from convmixer_jax import aot
+    from convmixer_jax.aot import compile as aot
 
     name = FLAGS.target or config.get("target", "")
     if not name:

@@ -9,7 +9,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from convmixer_jax import hostmem
+from convmixer_jax.runtime import hostmem
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a config file in configs/.")
@@ -66,20 +66,20 @@ def main(argv: list[str]) -> None:
 
     tf.config.set_visible_devices([], "GPU")
 
-    from convmixer_jax import checkpointing, preemption, train
-    from convmixer_jax import config as config_lib
     from convmixer_jax.data import datasets
+    from convmixer_jax.train import checkpointing, loop, preemption
+    from convmixer_jax.train import config as config_lib
 
     logging.set_verbosity(logging.INFO)
     logging.get_absl_handler().addFilter(_OwnInfoOnly())
     init_distributed()
-    run = train.evaluate if FLAGS.mode == "eval" else train.train_and_evaluate
+    run = loop.evaluate if FLAGS.mode == "eval" else loop.train_and_evaluate
     try:
         run(FLAGS.config, FLAGS.workdir)
     except (config_lib.ConfigError, datasets.DataError, checkpointing.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except train.NonFiniteError as e:
+    except loop.NonFiniteError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     except preemption.Preempted as e:

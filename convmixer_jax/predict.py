@@ -22,9 +22,12 @@ import numpy as np
 import tensorflow as tf
 from flax import nnx
 
-from convmixer_jax import checkpointing, hostmem, models, pretrained
-from convmixer_jax.convert import add_model_arguments, model_arguments
 from convmixer_jax.data.input_pipeline import eval_preprocess
+from convmixer_jax.model import inference, registry
+from convmixer_jax.model.convmixer import ConvMixer
+from convmixer_jax.runtime import hostmem
+from convmixer_jax.train import checkpointing
+from convmixer_jax.weights.convert import add_model_arguments, model_arguments
 
 TOP_K = 5
 
@@ -56,7 +59,7 @@ def class_names(num_classes: int) -> list[str]:
 
 def preprocess_config(name: str, image_size: int = 0) -> ml_collections.ConfigDict:
     """The eval-preprocessing settings of variant `name` (input_pipeline.eval_preprocess's)."""
-    spec = models.get_spec(name)
+    spec = registry.get_spec(name)
     return ml_collections.ConfigDict(
         {
             "image_size": image_size or spec.image_size,
@@ -80,13 +83,14 @@ def load_images(paths: Sequence[str], config: ml_collections.ConfigDict) -> np.n
     return np.stack(images)
 
 
-def probabilities(model: models.ConvMixer, batch_size: int):
+def probabilities(model: ConvMixer, batch_size: int):
     """A function: images -> class probabilities, jitted at one padded batch shape."""
     graphdef, state = nnx.split(model)
 
     @jax.jit
     def forward(state, images):
-        return jax.nn.softmax(nnx.merge(graphdef, state)(images, train=False), axis=-1)
+        logits = inference.reparameterize(nnx.merge(graphdef, state))(images)
+        return jax.nn.softmax(logits, axis=-1)
 
     def run(images: np.ndarray) -> np.ndarray:
         padded = np.zeros((batch_size, *images.shape[1:]), np.float32)
@@ -102,7 +106,7 @@ def _batches(items: Sequence[str], size: int) -> Iterator[Sequence[str]]:
 
 
 def predict(
-    model: models.ConvMixer,
+    model: ConvMixer,
     paths: Sequence[str],
     config: ml_collections.ConfigDict,
     batch_size: int = 32,
@@ -136,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     tf.config.set_visible_devices([], "GPU")  # TensorFlow only decodes images here.
     try:
         kwargs = model_arguments(args)
-        model = pretrained.create_model(args.model, checkpoint=args.checkpoint, **kwargs)
+        model = registry.create_model(args.model, checkpoint=args.checkpoint, **kwargs)
         names = class_names(model.head.out_features)
         config = preprocess_config(args.model, args.image_size)
         for path, probs in predict(model, args.images, config, args.batch_size):

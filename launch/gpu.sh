@@ -53,7 +53,7 @@ main() {
     esac
   done
   [[ -n $config ]] || die '--config is required (e.g. configs/convmixer_1536_20.py)'
-  [[ -f $config ]] || die "--config $config is not a file"
+  [[ -f ${config%%:*} ]] || die "--config ${config%%:*} is not a file"
   [[ -n $workdir ]] || die '--workdir is required'
   [[ -z $gpus || $gpus =~ ^[0-9]+(,[0-9]+)*$ ]] || die "--gpus $gpus is not a list like 0,1,2,3"
   [[ $mem_fraction =~ ^(0?\.[0-9]*[1-9][0-9]*|1(\.0*)?)$ ]] ||

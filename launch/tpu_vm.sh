@@ -34,7 +34,7 @@ Options:
   --spot               Spot capacity: cheaper but preemptible; after a preemption, `delete` then
                        `all` again resumes from the last checkpoint in --workdir
   --queued             request the TPU through queued resources and wait until it is ACTIVE
-  --config FILE        config file relative to the repository root, e.g. configs/cifar10.py
+  --config FILE[:TARGET]  config file relative to the repository root, e.g. configs/cifar10.py
   --workdir URL        gs:// directory for checkpoints and metrics (shared by all workers)
   --data-dir URL       gs:// TFDS data directory (see launch/prepare_imagenet.sh)
   --worker N           worker whose log `logs` follows (default 0)
@@ -137,7 +137,8 @@ cmd_setup() {
 
 check_train_args() {
   [[ -n $config ]] || die 'train needs --config (e.g. configs/convmixer_1536_20.py)'
-  [[ -f $REPO/$config ]] || die "--config $config is not a file relative to the repository root"
+  [[ -f $REPO/${config%%:*} ]] ||
+    die "--config ${config%%:*} is not a file relative to the repository root"
   [[ $workdir == gs://?* ]] || die "--workdir must be a gs:// URL that every worker can write"
   [[ $data_dir == gs://?* ]] || die "--data-dir must be a gs:// URL that every worker can read"
 }

@@ -18,6 +18,7 @@ import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))  # the PyTorch reference, torch_convmixer
 
 
 @pytest.fixture(scope="session")

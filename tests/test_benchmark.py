@@ -6,7 +6,9 @@ import jax
 import pytest
 
 from conftest import ROOT
-from convmixer_jax import benchmark, models, native
+from convmixer_jax import benchmark
+from convmixer_jax.model import registry
+from convmixer_jax.model.flops import forward_flops
 
 
 def _small_config(image_size=16, **model):
@@ -24,7 +26,7 @@ def _small_config(image_size=16, **model):
 def test_model_figures():
     config = _small_config()
     out = benchmark.benchmark_model(config, steps=1, repeats=1, peak_tflops=2.0)
-    flops = models.forward_flops(
+    flops = forward_flops(
         width=16, depth=2, kernel_size=3, patch_size=2, num_classes=10, image_size=16
     )
     assert out["model_flops_per_image"] == flops
@@ -39,11 +41,12 @@ def test_model_figures():
 
 
 @pytest.mark.parametrize("remat,pointwise_impl", [("none", "native"), ("dots", "xla")])
-def test_figures_name_the_implementations_that_ran(monkeypatch, remat, pointwise_impl):
+def test_figures_name_the_implementations_that_ran(remat, pointwise_impl):
     # As on one CPU device with a compiler: 'auto' is the kernels, but XLA's dot under 'dots'.
-    monkeypatch.setattr(native, "usable", lambda: True)
-    run = {"compile_seconds": 1.0, "peak_memory_bytes": 1}
-    out = benchmark.model_figures(_small_config(remat=remat), run, 0.5, 0.25)
+    config = _small_config(remat=remat)
+    impls = registry.from_config(config, 10, 0, devices=jax.devices()[:1]).impls
+    run = {"compile_seconds": 1.0, "peak_memory_bytes": 1, "impls": impls}
+    out = benchmark.model_figures(config, run, 0.5, 0.25)
     assert (out["depthwise_impl"], out["pointwise_impl"]) == ("native", pointwise_impl)
     assert out["train_images_per_sec"] == 16 and out["infer_images_per_sec"] == 32
     assert out["mfu"] is None  # no known peak for CPUs

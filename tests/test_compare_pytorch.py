@@ -14,7 +14,9 @@ import torch
 from flax import nnx
 
 from conftest import ROOT
-from convmixer_jax import hostmem, models
+from convmixer_jax.model.convmixer import ConvMixer
+from convmixer_jax.model.flops import forward_flops
+from convmixer_jax.runtime import hostmem
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +32,7 @@ def compare():
 @pytest.mark.parametrize("activation,k", [("gelu", 5), ("relu", 4)])
 def test_torch_twin_matches_jax_logits(compare, activation, k):
     arch = dict(width=12, depth=1, kernel_size=k, patch_size=2, num_classes=5)
-    model = models.ConvMixer(**arch, activation=activation, rngs=nnx.Rngs(3))
+    model = ConvMixer(**arch, activation=activation, rngs=nnx.Rngs(3))
     rng = np.random.default_rng(0)
     for path, stat in nnx.iter_graph(model):  # non-trivial running statistics
         if isinstance(stat, nnx.BatchStat):
@@ -77,7 +79,7 @@ def test_main_prints_both_figures_and_ratios(compare, capsys):
     assert out["malloc"] == hostmem.mode()
     # Both on the CPU here: the same peak gives both sides' MFU; no GPU allocator to read.
     assert out["torch_device"] == "cpu" and out["jax"]["device_count"] == 8
-    flops = models.forward_flops(
+    flops = forward_flops(
         width=16, depth=1, kernel_size=3, patch_size=2, num_classes=10, image_size=8
     )
     for figures, devices in [(out["jax"], 8), *((r, 1) for r in out["pytorch"].values())]:

@@ -1,0 +1,1 @@
+"""Ahead-of-time compiles for TPU and GPU targets, without the hardware."""

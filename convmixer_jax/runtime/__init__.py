@@ -1,0 +1,1 @@
+"""Process-level settings of the command-line entry points."""

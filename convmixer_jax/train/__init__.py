@@ -1,0 +1,1 @@
+"""Training: config, train state and steps, the loop, checkpoints, metrics."""

@@ -1,0 +1,1 @@
+"""Released weights: conversion from timm and the authors' files, loading, export."""
